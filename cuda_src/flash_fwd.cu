@@ -1,0 +1,237 @@
+// FlashAttention forward, portable path for sm_80+: mma.sync m16n8k16 on tensor cores, ldmatrix
+// operand loads, cp.async tile copies overlapped with the two GEMMs, online softmax in registers.
+//
+// One CTA computes one (BLOCK_M, HEAD_DIM) tile of O for one (batch, head). Each warp owns
+// kRowsPerWarp consecutive query rows. K/V tiles are visited from the last to the first, so the
+// tiles that need a mask (the seqlen_k edge, the causal diagonal) come first and the rest run
+// without one. K/V tiles stream through a ring of kStages shared buffers: a tile is requested
+// kStages - 1 iterations before it is used, so its load hides behind whole iterations of math.
+#include "flash_common.cuh"
+
+// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL.
+constexpr int kBlockM = BLOCK_M;
+constexpr int kBlockN = BLOCK_N;
+constexpr int kStages = STAGES;  // K/V tiles in flight: tile j+1.. loads while tile j computes
+constexpr int kThreads = NWARPS * 32;
+constexpr int kRowsPerWarp = BLOCK_M / NWARPS;
+constexpr int kMT = kRowsPerWarp / 16;  // m16 row tiles per warp
+constexpr int kNT = BLOCK_N / 8;        // n8 column tiles of S
+constexpr int kDT = HEAD_DIM / 8;       // n8 column tiles of O
+static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
+static_assert(BLOCK_N % 16 == 0, "P V consumes keys 16 at a time");
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+// K_j and V_j, rows n0 .. n0 + Bc of this (batch, kv head), into one ring stage.
+__device__ __forceinline__ void load_kv_tile(elem_t* sKs, elem_t* sVs, const elem_t* gK, const elem_t* gV,
+                                             int64 k_row_stride, int64 v_row_stride, int n0, int seqlen_k, int head_dim) {
+    load_tile_async<kBlockN, kThreads>(sKs, gK + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
+    load_tile_async<kBlockN, kThreads>(sVs, gV + n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+          elem_t* __restrict__ o, float* __restrict__ lse,
+          int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
+          int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
+          int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
+          int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
+          int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
+          int num_m_blocks, float scale_log2) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    elem_t* sQ = reinterpret_cast<elem_t*>(smem);      // (Br, d), later the staging tile of O
+    elem_t* sK = sQ + kBlockM * kPitch;                 // kStages x (Bc, d)
+    elem_t* sV = sK + kStages * kBlockN * kPitch;       // kStages x (Bc, d)
+
+    // Heads of one batch entry are consecutive; within a head, causal tiles run heaviest first.
+    const int bh = blockIdx.x / num_m_blocks;
+    int m_block = blockIdx.x % num_m_blocks;
+    if (IS_CAUSAL) m_block = num_m_blocks - 1 - m_block;
+    const int batch = bh / num_heads, head = bh % num_heads;
+    const int head_k = head / (num_heads / num_heads_k);
+    const int m0 = m_block * kBlockM;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
+    const int warp_row0 = warp * kRowsPerWarp;
+
+    const elem_t* gQ = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
+    const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
+    const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
+
+    // Query row i sees key j iff j <= i + seqlen_k - seqlen_q (causal aligned bottom-right).
+    const int diag = seqlen_k - seqlen_q;
+    int n_block_max = ceil_div(seqlen_k, kBlockN);
+    if (IS_CAUSAL) {
+        const int last_key = m0 + kBlockM - 1 + diag;  // last key the tile's last row sees
+        n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kBlockN + 1);
+    }
+
+    float acc_o[kMT][kDT][4];  // (Br, d) slice of this warp, unnormalised O
+    float m_i[kMT][2];         // running row max of S * scale * log2(e)
+    float l_i[kMT][2];         // running row sum of P, partial over this thread's columns
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) { m_i[mt][hh] = neg_inf(); l_i[mt][hh] = 0.f; }
+    }
+
+    // Prologue: Q and the first kStages - 1 K/V tiles, one cp.async group per tile (maybe empty).
+    if (n_block_max > 0) load_tile_async<kBlockM, kThreads>(sQ, gQ, q_row_stride, seqlen_q - m0, head_dim);
+#pragma unroll
+    for (int stage = 0; stage < kStages - 1; ++stage) {
+        const int n0 = (n_block_max - 1 - stage) * kBlockN;
+        if (n0 >= 0) load_kv_tile(sK + stage * kBlockN * kPitch, sV + stage * kBlockN * kPitch, gK, gV,
+                                  k_row_stride, v_row_stride, n0, seqlen_k, head_dim);
+        ptx::cp_async_commit();
+    }
+
+    for (int n_block = n_block_max - 1, it = 0; n_block >= 0; --n_block, ++it) {
+        const int n0 = n_block * kBlockN;
+        // Tile j has landed and is visible to all warps; every warp is done with tile j+1's buffer.
+        ptx::cp_async_wait<kStages - 2>();
+        __syncthreads();
+        {
+            const int n_next = n0 - (kStages - 1) * kBlockN;
+            const int stage_next = (it + kStages - 1) % kStages;
+            if (n_next >= 0) load_kv_tile(sK + stage_next * kBlockN * kPitch, sV + stage_next * kBlockN * kPitch, gK, gV,
+                                          k_row_stride, v_row_stride, n_next, seqlen_k, head_dim);
+            ptx::cp_async_commit();
+        }
+        const elem_t* sKj = sK + (it % kStages) * kBlockN * kPitch;
+        const elem_t* sVj = sV + (it % kStages) * kBlockN * kPitch;
+
+        // S = Q K_j^T   (Br, Bc), fp32
+        float acc_s[kMT][kNT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+            unsigned a[kMT][4];
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt)
+                ptx::ldmatrix_x4(a[mt], sQ + (warp_row0 + mt * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int nn = 0; nn < kBlockN / 16; ++nn) {
+                unsigned b[4];
+                ptx::ldmatrix_x4(b, sKj + (nn * 16 + lane % 8 + (lane / 16) * 8) * kPitch + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+                for (int mt = 0; mt < kMT; ++mt) {
+                    ptx::mma_16816<elem_t>(acc_s[mt][2 * nn], a[mt], b[0], b[1]);
+                    ptx::mma_16816<elem_t>(acc_s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+
+        // Mask keys past seqlen_k and, under causal, keys right of the diagonal: S = -inf.
+        const bool need_mask = n0 + kBlockN > seqlen_k || (IS_CAUSAL && n0 + kBlockN - 1 > m0 + diag);
+        if (need_mask) {
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = m0 + warp_row0 + mt * 16 + g + (e / 2) * 8;
+                        const int col = n0 + nt * 8 + 2 * t + (e % 2);
+                        if (col >= seqlen_k || (IS_CAUSAL && col > row + diag)) acc_s[mt][nt][e] = neg_inf();
+                    }
+        }
+
+        // Online softmax: m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new);
+        // l_i = l_i * exp2(m_i - m_new) + rowsum(P); acc_o *= exp2(m_i - m_new).
+        unsigned p[kMT][kNT][2];  // P rounded to the input type, laid out as mma A fragments
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float mx = neg_inf();
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+                    mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * hh], acc_s[mt][nt][2 * hh + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                const float m_new = fmaxf(m_i[mt][hh], mx * scale_log2);
+                // A row that has seen only masked keys keeps m = -inf; subtract 0 to avoid inf - inf.
+                const float m_use = m_new == neg_inf() ? 0.f : m_new;
+                const float alpha = ptx::exp2_approx(m_i[mt][hh] - m_use);
+                m_i[mt][hh] = m_new;
+                float rowsum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
+                        acc_s[mt][nt][e] = ptx::exp2_approx(fmaf(acc_s[mt][nt][e], scale_log2, -m_use));
+                        rowsum += acc_s[mt][nt][e];
+                    }
+                l_i[mt][hh] = l_i[mt][hh] * alpha + rowsum;
+#pragma unroll
+                for (int dt = 0; dt < kDT; ++dt) {
+                    acc_o[mt][dt][2 * hh] *= alpha;
+                    acc_o[mt][dt][2 * hh + 1] *= alpha;
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+                p[mt][nt][0] = ptx::pack2<elem_t>(acc_s[mt][nt][0], acc_s[mt][nt][1]);
+                p[mt][nt][1] = ptx::pack2<elem_t>(acc_s[mt][nt][2], acc_s[mt][nt][3]);
+            }
+        }
+
+        // O += P V_j   (Br, d); the S accumulator layout is the A-fragment layout of P.
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            unsigned a[kMT][4];
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+                a[mt][0] = p[mt][2 * kk][0];
+                a[mt][1] = p[mt][2 * kk][1];
+                a[mt][2] = p[mt][2 * kk + 1][0];
+                a[mt][3] = p[mt][2 * kk + 1][1];
+            }
+#pragma unroll
+            for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
+                unsigned b[4];
+                ptx::ldmatrix_x4_trans(b, sVj + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kPitch + dn * 16 + (lane / 16) * 8);
+#pragma unroll
+                for (int mt = 0; mt < kMT; ++mt) {
+                    ptx::mma_16816<elem_t>(acc_o[mt][2 * dn], a[mt], b[0], b[1]);
+                    ptx::mma_16816<elem_t>(acc_o[mt][2 * dn + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    // O = acc_o / l; lse = ln(l) + m * ln(2). A row that saw no key gets O = 0 and lse = -inf.
+    // Each warp stages only its own rows of sQ, which only it has read; the trailing cp.async
+    // groups are empty.
+    float* gLse = lse + static_cast<int64>(bh) * seqlen_q;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float l = l_i[mt][hh];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv_l = l > 0.f ? 1.f / l : 0.f;
+            const int r = warp_row0 + mt * 16 + g + hh * 8;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt)
+                *reinterpret_cast<unsigned*>(sQ + r * kPitch + dt * 8 + 2 * t) =
+                    ptx::pack2<elem_t>(acc_o[mt][dt][2 * hh] * inv_l, acc_o[mt][dt][2 * hh + 1] * inv_l);
+            if (t == 0 && m0 + r < seqlen_q)
+                gLse[m0 + r] = l > 0.f ? m_i[mt][hh] * kLn2 + logf(l) : neg_inf();
+        }
+    }
+    __syncthreads();
+    store_tile<kBlockM, kThreads>(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride,
+                                  sQ, o_row_stride, seqlen_q - m0, head_dim);
+}
