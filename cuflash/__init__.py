@@ -1,0 +1,18 @@
+"""cuflash: exact FlashAttention for CuPy, PyTorch and JAX arrays, compiled at run time by NVRTC."""
+from .api import flash_attn_func, forward, warmup
+from .plan import FwdTile
+
+__version__ = "0.1.0"
+
+
+def cuda_available():
+    """True if CuPy can see a CUDA GPU."""
+    try:
+        import cupy
+
+        return cupy.cuda.is_available()
+    except Exception:
+        return False
+
+
+__all__ = ["flash_attn_func", "forward", "warmup", "FwdTile", "cuda_available", "__version__"]

@@ -1,0 +1,83 @@
+"""Public entry points: validate, bring arrays in (zero-copy), launch, hand results back."""
+import time
+
+from . import interop, plan, validate
+from .forward import launch_forward
+
+
+def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
+    """Exact attention O = softmax(Q K^T * scale [+ causal mask]) V and its log-sum-exp.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
+    nheads a multiple of nheads_k (MQA/GQA). CuPy, PyTorch or JAX CUDA arrays in float16 or
+    bfloat16; only the last dimension must be contiguous. causal=True aligns the mask to the
+    bottom-right corner: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+
+    Returns (o, lse) in the caller's framework: o like q, lse float32 (batch, nheads, seqlen_q)
+    in natural log; a query row that sees no key gets o = 0 and lse = -inf. `out` receives O if
+    given. `tile` (a plan.FwdTile) overrides the tile table, for tuning.
+    """
+    q_info, k_info, v_info = (interop.describe(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    validate.check_qkv(q_info, k_info, v_info)
+    causal = validate.flag("causal", causal)
+    batch, seqlen_q, nheads, head_dim = q_info.shape
+    scale = validate.softmax_scale(softmax_scale, head_dim)
+    if out is not None:
+        out_info = interop.describe(out, "out")
+        validate.check_out(out_info, q_info)
+    variant = plan.forward_variant(q_info.dtype, head_dim, causal, tile)
+    _refuse_grad(q_info, (q, k, v))
+
+    with interop.caller_stream(q_info):
+        empty = interop.allocator(q_info)
+        native_o, o_info = empty(q_info.shape, q_info.dtype) if out is None else (out, out_info)
+        native_lse, lse_info = empty((batch, nheads, seqlen_q), "float32")
+        if 0 in q_info.shape:
+            pass
+        elif k_info.shape[1] == 0:
+            interop.fill(native_o, 0)
+            interop.fill(native_lse, float("-inf"))
+        else:
+            operands = [interop.launchable(x, info) for x, info in ((q, q_info), (k, k_info), (v, v_info))]
+            # cp.async moves 16-byte rows: the rare view whose rows are not 16-byte aligned is copied.
+            operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
+                        for x, info in operands]
+            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, variant.tile)
+    return interop.export(native_o, q_info.framework), interop.export(native_lse, q_info.framework)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False):
+    """flash-attn 2 compatible entry: returns O, or (O, lse) with return_lse=True."""
+    if validate.dropout_p(dropout_p) != 0.0:
+        raise NotImplementedError("dropout_p > 0 is not supported yet; cuflash's forward is exact attention")
+    o, lse = forward(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    return (o, lse) if return_lse else o
+
+
+def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, True), device=None):
+    """Compile the forward variants for these dtypes, head dims and causal flags on `device`
+    (default: the current one) ahead of the first call. Returns the seconds it took."""
+    import cupy
+
+    from . import compile as compile_
+    from .forward import smem_limit
+
+    device_id = cupy.cuda.Device().id if device is None else int(device)
+    start = time.perf_counter()
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            for is_causal in causal:
+                variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=smem_limit(device_id))
+                compile_.get_function(compile_.forward_program(variant), device_id)
+    return time.perf_counter() - start
+
+
+def _refuse_grad(q_info, arrays):
+    """Without a backward, a torch output that silently drops gradients would be a wrong answer."""
+    if q_info.framework != "torch":
+        return
+    import torch
+
+    if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
+        raise NotImplementedError("cuflash has no backward yet: call it under torch.no_grad() "
+                                  "or pass tensors that do not require grad")

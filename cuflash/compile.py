@@ -1,0 +1,73 @@
+"""Compile layer: CUDA sources -> cached cupy.RawModule functions, one per (device, variant).
+
+Sources are flattened here (local #include "x.cuh" inlined, with #line markers so NVRTC errors
+name the real file and line) because CuPy's on-disk cache key covers the source string it is
+given, not headers it would read from disk: an edited header must change the key.
+"""
+import functools
+import re
+import threading
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# Installed: cuda_src ships inside the package; in a source checkout it sits beside it.
+SRC_DIR = next((p for p in (_HERE / "cuda_src", _HERE.parent / "cuda_src") if p.is_dir()), _HERE / "cuda_src")
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+
+
+def flatten_source(name, _seen=None):
+    """The text of cuda_src/<name> with every local include inlined once."""
+    seen = set() if _seen is None else _seen
+    seen.add(name)
+    out = [f'#line 1 "cuda_src/{name}"']
+    for lineno, line in enumerate((SRC_DIR / name).read_text().splitlines(), start=1):
+        match = _INCLUDE.match(line)
+        if match is None:
+            out.append(line)
+            continue
+        if match.group(1) not in seen:
+            out.append(flatten_source(match.group(1), seen))
+        out.append(f'#line {lineno + 1} "cuda_src/{name}"')
+    return "\n".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_program(variant):
+    """(source, options, kernel name) of a forward variant; the caller adds -arch."""
+    tile = variant.tile
+    defines = {
+        "HEAD_DIM": variant.head_dim,
+        "BLOCK_M": tile.block_m,
+        "BLOCK_N": tile.block_n,
+        "NWARPS": tile.num_warps,
+        "STAGES": tile.stages,
+        "IS_CAUSAL": int(variant.causal),
+        "IS_BF16": int(variant.dtype == "bfloat16"),
+    }
+    options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
+    return flatten_source("flash_fwd.cu"), options, "flash_fwd"
+
+
+_cache = {}
+_lock = threading.Lock()
+
+
+def get_function(program, device_id):
+    """The compiled kernel of `program` (a (source, options, name) triple) on device_id.
+
+    Memoised per device and program; CuPy keeps the binary in its disk cache across processes.
+    """
+    key = (device_id, program)
+    function = _cache.get(key)
+    if function is None:
+        import cupy
+
+        with _lock:
+            function = _cache.get(key)
+            if function is None:
+                source, options, name = program
+                with cupy.cuda.Device(device_id):
+                    module = cupy.RawModule(code=source, options=options)
+                    function = module.get_function(name)
+                _cache[key] = function
+    return function

@@ -1,0 +1,70 @@
+"""Forward launcher: picks the kernel variant and tiles, checks shared memory, launches the grid."""
+import functools
+import threading
+
+import numpy
+
+from . import compile as compile_
+from . import plan
+
+LOG2E = 1.4426950408889634
+INT32_MAX = 2**31 - 1
+
+
+def launch_forward(q, k, v, o, lse, softmax_scale, causal, tile=None):
+    """O and LSE of softmax(Q K^T * scale [+ causal mask]) V, on CuPy's current device and stream.
+
+    Arguments are interop.ArrayInfo descriptions (pointer, shape, element strides, dtype) of
+    validated, 16-byte aligned, non-empty arrays: q, o (batch, seqlen_q, nheads, d); k, v
+    (batch, seqlen_k, nheads_k, d); lse contiguous float32 (batch, nheads, seqlen_q).
+    """
+    import cupy
+
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    device_id = cupy.cuda.get_device_id()
+    variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id))
+    kernel, smem = _prepare(variant, device_id)
+    m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
+    grid = batch * nheads * m_blocks
+    if grid > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
+        raise ValueError(f"problem too large for one launch: {grid} tiles, seqlens {seqlen_q} and {seqlen_k}")
+    pointers = [numpy.uint64(a.data_ptr) for a in (q, k, v, o, lse)]
+    strides = [numpy.int64(a.strides[axis]) for a in (q, k, v, o) for axis in (0, 1, 2)]
+    kernel((grid,), (variant.tile.threads,),
+           (*pointers, *strides,
+            numpy.int32(seqlen_q), numpy.int32(seqlen_k), numpy.int32(nheads), numpy.int32(nheads_k),
+            numpy.int32(head_dim), numpy.int32(m_blocks), numpy.float32(softmax_scale * LOG2E)),
+           shared_mem=smem)
+
+
+_prepared = {}
+_prepare_lock = threading.Lock()
+
+
+def _prepare(variant, device_id):
+    """(kernel, shared-memory bytes) of a variant on a device: compiled, its shared-memory limit
+    raised, and remembered, so a call pays one dictionary lookup."""
+    key = (device_id, variant)
+    prepared = _prepared.get(key)
+    if prepared is not None:
+        return prepared
+    import cupy
+
+    smem = plan.forward_smem_bytes(variant.head_dim, variant.tile)
+    if smem > smem_limit(device_id):
+        raise ValueError(f"tile {variant.tile} needs {smem} bytes of shared memory at head dim "
+                         f"{variant.head_dim}; device {device_id} allows {smem_limit(device_id)}")
+    kernel = compile_.get_function(compile_.forward_program(variant), device_id)
+    with _prepare_lock, cupy.cuda.Device(device_id):
+        kernel.max_dynamic_shared_size_bytes = smem
+        _prepared[key] = (kernel, smem)
+    return kernel, smem
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(device_id):
+    """Opt-in shared memory per block of a device, in bytes."""
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)

@@ -1,0 +1,93 @@
+"""Argument checks, run on ArrayInfo descriptions before any memory is touched or kernel launched.
+
+Every failure is a ValueError or TypeError that names the argument and what was expected.
+"""
+import math
+import numbers
+
+from . import plan
+
+SUPPORTED_DTYPES = plan.DTYPES
+
+
+def check_qkv(q, k, v):
+    """q (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim)."""
+    for name, info in (("q", q), ("k", k), ("v", v)):
+        if len(info.shape) != 4:
+            raise ValueError(f"{name} must have rank 4 (batch, seqlen, nheads, headdim); got shape {info.shape}")
+        if info.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16 or bfloat16; got {info.dtype}")
+    for name, info in (("k", k), ("v", v)):
+        if info.framework != q.framework:
+            raise TypeError(f"q, k and v must come from one framework; q is {q.framework}, {name} is {info.framework}")
+        if info.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}; got {info.dtype}")
+        if info.device != q.device:
+            raise ValueError(f"{name} must be on q's device cuda:{q.device}; got cuda:{info.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {k.shape} and v {v.shape}")
+    batch, _, nheads, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k and v must have q's batch size {batch}; got {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k and v must have q's head dim {head_dim}; got {k.shape[3]}")
+    nheads_k = k.shape[2]
+    if nheads_k == 0 or nheads % nheads_k:
+        raise ValueError(f"q's nheads ({nheads}) must be a multiple of k/v's nheads ({nheads_k})")
+    if head_dim % 8 or not 8 <= head_dim <= plan.MAX_HEAD_DIM:
+        raise ValueError(f"headdim must be a multiple of 8 from 8 to {plan.MAX_HEAD_DIM}; got {head_dim}")
+    for name, info in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, info)
+
+
+def check_last_dim_contiguous(name, info):
+    if info.shape[-1] > 1 and info.strides[-1] != 1 and 0 not in info.shape:
+        raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides {info.strides}")
+
+
+def check_out(out, q):
+    """out: a preallocated O of q's shape, dtype and device, aligned for 16-byte stores."""
+    if out.framework == "jax":
+        raise TypeError("out must be a CuPy array or a torch tensor; JAX arrays are immutable")
+    if out.framework != q.framework:
+        raise TypeError(f"out must come from q's framework {q.framework}; got {out.framework}")
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {q.shape}; got {out.shape}")
+    if out.dtype != q.dtype:
+        raise TypeError(f"out must have q's dtype {q.dtype}; got {out.dtype}")
+    if out.device != q.device:
+        raise ValueError(f"out must be on q's device cuda:{q.device}; got cuda:{out.device}")
+    check_last_dim_contiguous("out", out)
+    if not is_aligned(out):
+        raise ValueError("out must start on a 16-byte boundary and have strides that are multiples of 8 elements")
+
+
+def is_aligned(info):
+    """True if every row of 8 elements starts on a 16-byte boundary (cp.async and vector stores)."""
+    return info.data_ptr % 16 == 0 and all(s % 8 == 0 for s, n in zip(info.strides[:-1], info.shape[:-1]) if n > 1)
+
+
+def softmax_scale(value, head_dim):
+    """The scale applied to QK^T: 1/sqrt(headdim) by default, else a positive finite number."""
+    if value is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"softmax_scale must be a real number or None; got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"softmax_scale must be positive and finite; got {value}")
+    return value
+
+
+def flag(name, value):
+    if type(value).__name__ not in ("bool", "bool_"):  # Python or NumPy bool
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return bool(value)
+
+
+def dropout_p(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number; got {type(value).__name__}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {value}")
+    return float(value)
