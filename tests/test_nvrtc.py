@@ -1,0 +1,114 @@
+"""CPU: every forward variant the plan can pick compiles with NVRTC, warning-free, for sm_80 and
+sm_90a; and the flattened source keeps each header once and points errors at the real file.
+
+NVRTC is called directly (CuPy's raw bindings: no GPU, no driver). The source and options are the
+compile layer's own; only -arch and the CUDA headers' directory (the nvidia-cuda-runtime wheel's
+nvidia/cu13/include) are added, as CuPy adds them at run time.
+"""
+import os
+import re
+
+import pytest
+from cupy_backends.cuda.libs import nvrtc
+
+from cuflash import compile as compile_
+from cuflash import plan
+
+ARCHS = ("sm_80", "sm_90a")
+LINE_MARKER = re.compile(r'^#line (\d+) "cuda_src/([^"]+)"$')
+
+
+def _cuda_include_dir():
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        path = os.path.join(root, "cu13", "include")
+        if os.path.isfile(os.path.join(path, "cuda_fp16.h")):
+            return path
+    return None
+
+
+CUDA_INCLUDE = _cuda_include_dir()
+
+
+def _variant_id(variant):
+    tile = variant.tile
+    return (f"{variant.dtype}-d{variant.head_dim}-{'causal' if variant.causal else 'full'}"
+            f"-{tile.block_m}x{tile.block_n}w{tile.num_warps}")
+
+
+def nvrtc_compile(program, arch):
+    """(cubin, log) of a (source, options, name) program compiled for `arch`."""
+    source, options, _ = program
+    prog = nvrtc.createProgram(source, "flash_fwd.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, [*options, f"-arch={arch}", f"-I{CUDA_INCLUDE}", "-ftz=true"])  # CuPy adds -ftz=true
+        except nvrtc.NVRTCError as error:
+            pytest.fail(f"NVRTC failed for {arch} with {options}: {error}\n{nvrtc.getProgramLog(prog)}")
+        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers not found: pip install nvidia-cuda-runtime "
+                    "(for nvidia/cu13/include/cuda_fp16.h)")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", plan.forward_variants(), ids=_variant_id)
+def test_variant_compiles(variant, arch):
+    program = compile_.forward_program(variant)
+    cubin, log = nvrtc_compile(program, arch)
+    assert cubin[:4] == b"\x7fELF", "NVRTC returned no cubin"
+    # The launcher looks the kernel up by this unmangled (extern "C") name.
+    assert b"\0" + program[2].encode() + b"\0" in cubin, f"no symbol {program[2]!r} in the cubin"
+    assert "warning" not in log.lower(), log
+
+
+def test_every_variant_is_distinct():
+    """Each variant maps to its own (source, options): none is silently compiled twice."""
+    programs = {compile_.forward_program(variant) for variant in plan.forward_variants()}
+    assert len(programs) == len(plan.forward_variants())
+
+
+def _walk(flat):
+    """Yield (file, line number, text) for every source line of a flattened program, following
+    its #line markers the way the preprocessor does."""
+    name = lineno = None
+    for text in flat.splitlines():
+        marker = LINE_MARKER.match(text)
+        if marker:
+            lineno, name = int(marker.group(1)), marker.group(2)
+            continue
+        assert name is not None, "flattened source does not start with a #line marker"
+        yield name, lineno, text
+        lineno += 1
+
+
+def test_flatten_maps_every_line_to_its_real_file():
+    """Every line of the flattened kernel sits under a #line marker naming the real file and line."""
+    flat = compile_.flatten_source("flash_fwd.cu")
+    assert flat.startswith('#line 1 "cuda_src/flash_fwd.cu"\n')
+    files = {}
+    for name, lineno, text in _walk(flat):
+        if name not in files:
+            files[name] = (compile_.SRC_DIR / name).read_text().splitlines()
+        assert text == files[name][lineno - 1], f"line {lineno} of cuda_src/{name} is misplaced"
+    assert set(files) == {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix in (".cu", ".cuh")}
+    assert not re.search(r'^\s*#include\s+"', flat, re.M), "a local #include was left in"
+    assert "#include <cuda_fp16.h>" in flat, "system includes must be left for NVRTC"
+
+
+def test_flatten_inlines_each_header_once(tmp_path, monkeypatch):
+    """A diamond (main -> a, b; a, b -> common) inlines common once, and lines after an include
+    still map back to the including file."""
+    (tmp_path / "common.cuh").write_text('#pragma once\nint common;\n')
+    (tmp_path / "a.cuh").write_text('#include "common.cuh"\nint a;\n')
+    (tmp_path / "b.cuh").write_text('#include "common.cuh"\nint b;\n')
+    (tmp_path / "main.cu").write_text('#include "a.cuh"\n#include "b.cuh"\n#include "a.cuh"\nint main_;\n')
+    monkeypatch.setattr(compile_, "SRC_DIR", tmp_path)
+    flat = compile_.flatten_source("main.cu")
+    assert [flat.count(f'#line 1 "cuda_src/{name}"') for name in ("main.cu", "a.cuh", "b.cuh", "common.cuh")] == [1, 1, 1, 1]
+    assert [text for _, _, text in _walk(flat)] == ["#pragma once", "int common;", "int a;", "int b;", "int main_;"]
+    assert [(name, lineno) for name, lineno, text in _walk(flat) if text == "int main_;"] == [("main.cu", 4)]

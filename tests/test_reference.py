@@ -1,0 +1,86 @@
+"""CPU: the NumPy model of the tiled forward against the plain float64 reference."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from accuracy import assert_2x, max_abs_err
+from cuflash import reference
+from cuflash.reference import attention_reference, flash_forward_model, from_float32
+
+AWKWARD = [1, 2, 7, 16, 17, 31, 64, 65, 113, 127, 128, 129, 203, 239]
+
+
+@st.composite
+def problems(draw):
+    seqlen = st.one_of(st.sampled_from(AWKWARD), st.integers(1, 300))
+    nheads_k = draw(st.integers(1, 3))
+    return dict(
+        batch=draw(st.integers(1, 2)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen),
+        nheads_k=nheads_k, nheads=nheads_k * draw(st.sampled_from([1, 2, 3, 4, 8])),
+        head_dim=draw(st.sampled_from(range(8, 257, 8))), causal=draw(st.booleans()),
+        block_m=draw(st.sampled_from([16, 32, 64, 128])), block_n=draw(st.sampled_from([16, 32, 64, 128])),
+        softmax_scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))), seed=draw(st.integers(0, 2**31)))
+
+
+def make_qkv(p, dtype):
+    rng = np.random.default_rng(p["seed"])
+    shapes = [(p["batch"], p["seqlen_q"], p["nheads"], p["head_dim"])] + 2 * [(p["batch"], p["seqlen_k"], p["nheads_k"], p["head_dim"])]
+    return [from_float32(rng.standard_normal(s).astype(np.float32), dtype) for s in shapes]
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_model_matches_float64_reference(p):
+    q, k, v = make_qkv(p, "float64")
+    o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
+    o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"])
+    assert max_abs_err(o, o_ref) < 1e-10
+    assert max_abs_err(lse, lse_ref) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@settings(max_examples=15, deadline=None)
+@given(p=problems())
+def test_model_in_low_precision_obeys_2x_rule(dtype, p):
+    q, k, v = make_qkv(p, dtype)
+    o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
+    o_low, lse_low = attention_reference(q, k, v, p["softmax_scale"], p["causal"], upcast=False)
+    o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"])
+    assert_2x(o, o_ref, o_low, dtype)
+    assert_2x(lse, lse_ref, lse_low, dtype, "lse")
+
+
+@settings(max_examples=200, deadline=None)
+@given(seqlen_q=st.integers(1, 300), seqlen_k=st.integers(1, 300), causal=st.booleans(),
+       block_m=st.sampled_from([16, 64, 128]), block_n=st.sampled_from([16, 32, 64, 128]))
+def test_tile_skipping_and_masking_cover_exactly_the_visible_keys(seqlen_q, seqlen_k, causal, block_m, block_n):
+    """Visited tiles hold every visible (row, key); unmasked tiles hold only visible ones."""
+    seen = reference.visible(seqlen_q, seqlen_k, causal)
+    covered = np.zeros_like(seen)
+    for m_block in range(-(-seqlen_q // block_m)):
+        rows = slice(m_block * block_m, (m_block + 1) * block_m)
+        for n_block in range(reference.n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal)):
+            cols = slice(n_block * block_n, (n_block + 1) * block_n)
+            covered[rows, cols] = True
+            if not reference.tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
+                assert seen[rows, cols].all() and (n_block + 1) * block_n <= seqlen_k
+    assert not (seen & ~covered).any()
+
+
+def test_rows_that_see_no_key_give_zero_and_minus_inf():
+    q, k, v = make_qkv(dict(batch=1, seqlen_q=9, seqlen_k=4, nheads=2, nheads_k=1, head_dim=16, seed=3), "float64")
+    for fn in (attention_reference, lambda *a: flash_forward_model(*a, block_m=4, block_n=2)):
+        o, lse = fn(q, k, v, None, True)
+        assert (o[:, :5] == 0).all() and np.isneginf(lse[:, :, :5]).all()
+        assert np.isfinite(lse[:, :, 5:]).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_round_to_matches_the_dtype_cast(dtype):
+    x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100
+    cast = reference._upcast(from_float32(x, dtype), np.float32)
+    assert np.array_equal(reference.round_to(x, dtype), cast)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        assert np.array_equal(cast, x.astype(ml_dtypes.bfloat16).astype(np.float32))
