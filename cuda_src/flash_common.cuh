@@ -2,7 +2,7 @@
 #pragma once
 #include "ptx.cuh"
 
-// Injected by the launcher (cuflash/compile.py): IS_BF16, HEAD_DIM.
+// Injected by the launcher (cuflash/compile.py): IS_BF16, HEAD_DIM, IS_CAUSAL.
 #if IS_BF16
 typedef __nv_bfloat16 elem_t;
 #else
@@ -22,6 +22,27 @@ static_assert(HEAD_DIM % 32 == 0, "head-dim buckets are multiples of 32");
 __device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Masking, with diag = seqlen_k - seqlen_q: query row i sees key j iff j < seqlen_k and, under
+// causal (aligned bottom-right), j <= i + diag. cuflash/reference.py mirrors these three.
+__device__ __forceinline__ bool visible(int row, int col, int seqlen_k, int diag) {
+    return col < seqlen_k && (!IS_CAUSAL || col <= row + diag);
+}
+
+// Number of K/V tiles of block_n keys that the query rows [m0, m0 + rows) visit.
+__device__ __forceinline__ int kv_blocks_visited(int m0, int rows, int block_n, int seqlen_k, int diag) {
+    int n_max = ceil_div(seqlen_k, block_n);
+    if (IS_CAUSAL) {
+        const int last_key = m0 + rows - 1 + diag;  // the last row's last visible key
+        n_max = min(n_max, last_key < 0 ? 0 : last_key / block_n + 1);
+    }
+    return n_max;
+}
+
+// True if some key of [n0, n0 + block_n) is invisible to some row from m0 on.
+__device__ __forceinline__ bool tile_needs_mask(int m0, int n0, int block_n, int seqlen_k, int diag) {
+    return n0 + block_n > seqlen_k || (IS_CAUSAL && n0 + block_n - 1 > m0 + diag);
+}
 
 // Async copy of a (ROWS, HEAD_DIM) tile from global rows `row_stride` elements apart into a
 // pitched shared tile. Rows >= rows_valid and columns >= head_dim (the caller's head dim, a
@@ -67,4 +88,12 @@ __device__ __forceinline__ void store_tile(elem_t* g, const elem_t* s, int64 row
         if (r < rows_valid && c * 8 < head_dim)
             *reinterpret_cast<uint4*>(g + r * row_stride + c * 8) = *reinterpret_cast<const uint4*>(s + r * kPitch + c * 8);
     }
+}
+
+// K and V rows n0 .. n0 + ROWS of one (batch, kv head), each into its shared tile.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void load_kv_tile(elem_t* sK, elem_t* sV, const elem_t* gK, const elem_t* gV,
+                                             int64 k_row_stride, int64 v_row_stride, int n0, int seqlen_k, int head_dim) {
+    load_tile_async<ROWS, NTHREADS>(sK, gK + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
+    load_tile_async<ROWS, NTHREADS>(sV, gV + n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);
 }

@@ -6,7 +6,7 @@
 // tiles that need a mask (the seqlen_k edge, the causal diagonal) come first and the rest run
 // without one. K/V tiles stream through a ring of kStages shared buffers: a tile is requested
 // kStages - 1 iterations before it is used, so its load hides behind whole iterations of math.
-#include "flash_common.cuh"
+#include "warp_gemm.cuh"
 
 // Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL.
 constexpr int kBlockM = BLOCK_M;
@@ -21,13 +21,6 @@ static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0, "P V consumes keys 16 at a time");
 
 constexpr float kLn2 = 0.6931471805599453f;
-
-// K_j and V_j, rows n0 .. n0 + Bc of this (batch, kv head), into one ring stage.
-__device__ __forceinline__ void load_kv_tile(elem_t* sKs, elem_t* sVs, const elem_t* gK, const elem_t* gV,
-                                             int64 k_row_stride, int64 v_row_stride, int n0, int seqlen_k, int head_dim) {
-    load_tile_async<kBlockN, kThreads>(sKs, gK + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
-    load_tile_async<kBlockN, kThreads>(sVs, gV + n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);
-}
 
 extern "C" __global__ void __launch_bounds__(kThreads)
 flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
@@ -51,21 +44,14 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
     const int head_k = head / (num_heads / num_heads_k);
     const int m0 = m_block * kBlockM;
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
-    const int warp_row0 = warp * kRowsPerWarp;
+    const int warp_row0 = (threadIdx.x / 32) * kRowsPerWarp;
 
     const elem_t* gQ = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
     const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
     const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
 
-    // Query row i sees key j iff j <= i + seqlen_k - seqlen_q (causal aligned bottom-right).
     const int diag = seqlen_k - seqlen_q;
-    int n_block_max = ceil_div(seqlen_k, kBlockN);
-    if (IS_CAUSAL) {
-        const int last_key = m0 + kBlockM - 1 + diag;  // last key the tile's last row sees
-        n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kBlockN + 1);
-    }
+    const int n_block_max = kv_blocks_visited(m0, kBlockM, kBlockN, seqlen_k, diag);
 
     float acc_o[kMT][kDT][4];  // (Br, d) slice of this warp, unnormalised O
     float m_i[kMT][2];         // running row max of S * scale * log2(e)
@@ -85,7 +71,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
 #pragma unroll
     for (int stage = 0; stage < kStages - 1; ++stage) {
         const int n0 = (n_block_max - 1 - stage) * kBlockN;
-        if (n0 >= 0) load_kv_tile(sK + stage * kBlockN * kPitch, sV + stage * kBlockN * kPitch, gK, gV,
+        if (n0 >= 0) load_kv_tile<kBlockN, kThreads>(sK + stage * kBlockN * kPitch, sV + stage * kBlockN * kPitch, gK, gV,
                                   k_row_stride, v_row_stride, n0, seqlen_k, head_dim);
         ptx::cp_async_commit();
     }
@@ -98,7 +84,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
         {
             const int n_next = n0 - (kStages - 1) * kBlockN;
             const int stage_next = (it + kStages - 1) % kStages;
-            if (n_next >= 0) load_kv_tile(sK + stage_next * kBlockN * kPitch, sV + stage_next * kBlockN * kPitch, gK, gV,
+            if (n_next >= 0) load_kv_tile<kBlockN, kThreads>(sK + stage_next * kBlockN * kPitch, sV + stage_next * kBlockN * kPitch, gK, gV,
                                           k_row_stride, v_row_stride, n_next, seqlen_k, head_dim);
             ptx::cp_async_commit();
         }
@@ -107,48 +93,24 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
 
         // S = Q K_j^T   (Br, Bc), fp32
         float acc_s[kMT][kNT][4];
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            unsigned a[kMT][4];
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-                ptx::ldmatrix_x4(a[mt], sQ + (warp_row0 + mt * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-            for (int nn = 0; nn < kBlockN / 16; ++nn) {
-                unsigned b[4];
-                ptx::ldmatrix_x4(b, sKj + (nn * 16 + lane % 8 + (lane / 16) * 8) * kPitch + kk * 16 + ((lane / 8) % 2) * 8);
-#pragma unroll
-                for (int mt = 0; mt < kMT; ++mt) {
-                    ptx::mma_16816<elem_t>(acc_s[mt][2 * nn], a[mt], b[0], b[1]);
-                    ptx::mma_16816<elem_t>(acc_s[mt][2 * nn + 1], a[mt], b[2], b[3]);
-                }
-            }
-        }
+        zero(acc_s);
+        warp_gemm_ss<kMT, kNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
 
-        // Mask keys past seqlen_k and, under causal, keys right of the diagonal: S = -inf.
-        const bool need_mask = n0 + kBlockN > seqlen_k || (IS_CAUSAL && n0 + kBlockN - 1 > m0 + diag);
-        if (need_mask) {
+        // S = -inf where the key is invisible (past seqlen_k, or right of the causal diagonal).
+        if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) {
 #pragma unroll
             for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int row = m0 + warp_row0 + mt * 16 + g + (e / 2) * 8;
-                        const int col = n0 + nt * 8 + 2 * t + (e % 2);
-                        if (col >= seqlen_k || (IS_CAUSAL && col > row + diag)) acc_s[mt][nt][e] = neg_inf();
+                        const int row = m0 + warp_row0 + acc_row(mt, e), col = n0 + acc_col(nt, e);
+                        if (!visible(row, col, seqlen_k, diag)) acc_s[mt][nt][e] = neg_inf();
                     }
         }
 
         // Online softmax: m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new);
         // l_i = l_i * exp2(m_i - m_new) + rowsum(P); acc_o *= exp2(m_i - m_new).
-        unsigned p[kMT][kNT][2];  // P rounded to the input type, laid out as mma A fragments
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -179,35 +141,12 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
                     acc_o[mt][dt][2 * hh + 1] *= alpha;
                 }
             }
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-                p[mt][nt][0] = ptx::pack2<elem_t>(acc_s[mt][nt][0], acc_s[mt][nt][1]);
-                p[mt][nt][1] = ptx::pack2<elem_t>(acc_s[mt][nt][2], acc_s[mt][nt][3]);
-            }
         }
 
-        // O += P V_j   (Br, d); the S accumulator layout is the A-fragment layout of P.
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            unsigned a[kMT][4];
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) {
-                a[mt][0] = p[mt][2 * kk][0];
-                a[mt][1] = p[mt][2 * kk][1];
-                a[mt][2] = p[mt][2 * kk + 1][0];
-                a[mt][3] = p[mt][2 * kk + 1][1];
-            }
-#pragma unroll
-            for (int dn = 0; dn < HEAD_DIM / 16; ++dn) {
-                unsigned b[4];
-                ptx::ldmatrix_x4_trans(b, sVj + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kPitch + dn * 16 + (lane / 16) * 8);
-#pragma unroll
-                for (int mt = 0; mt < kMT; ++mt) {
-                    ptx::mma_16816<elem_t>(acc_o[mt][2 * dn], a[mt], b[0], b[1]);
-                    ptx::mma_16816<elem_t>(acc_o[mt][2 * dn + 1], a[mt], b[2], b[3]);
-                }
-            }
-        }
+        // O += P V_j   (Br, d); P rounded to the input type, straight from the S registers.
+        unsigned p[kMT][kBlockN / 16][4];
+        acc_to_a_frags(p, acc_s);
+        warp_gemm_rs<kMT, kDT, kBlockN, true>(acc_o, p, sVj, kPitch);
     }
 
     // O = acc_o / l; lse = ln(l) + m * ln(2). A row that saw no key gets O = 0 and lse = -inf.
@@ -222,15 +161,17 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
             l += __shfl_xor_sync(0xffffffff, l, 1);
             l += __shfl_xor_sync(0xffffffff, l, 2);
             const float inv_l = l > 0.f ? 1.f / l : 0.f;
-            const int r = warp_row0 + mt * 16 + g + hh * 8;
 #pragma unroll
-            for (int dt = 0; dt < kDT; ++dt)
-                *reinterpret_cast<unsigned*>(sQ + r * kPitch + dt * 8 + 2 * t) =
-                    ptx::pack2<elem_t>(acc_o[mt][dt][2 * hh] * inv_l, acc_o[mt][dt][2 * hh + 1] * inv_l);
-            if (t == 0 && m0 + r < seqlen_q)
-                gLse[m0 + r] = l > 0.f ? m_i[mt][hh] * kLn2 + logf(l) : neg_inf();
+            for (int dt = 0; dt < kDT; ++dt) {
+                acc_o[mt][dt][2 * hh] *= inv_l;
+                acc_o[mt][dt][2 * hh + 1] *= inv_l;
+            }
+            const int r = m0 + warp_row0 + acc_row(mt, 2 * hh);
+            if (threadIdx.x % 4 == 0 && r < seqlen_q)
+                gLse[r] = l > 0.f ? m_i[mt][hh] * kLn2 + logf(l) : neg_inf();
         }
     }
+    store_acc(sQ + warp_row0 * kPitch, kPitch, acc_o, 1.f);
     __syncthreads();
     store_tile<kBlockM, kThreads>(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride,
                                   sQ, o_row_stride, seqlen_q - m0, head_dim);
