@@ -57,6 +57,16 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
+// dst[0] += a, dst[1] += b in global memory (8-byte aligned); one vector reduction on sm_90.
+__device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#endif
+}
+
 // Two floats rounded to one 32-bit register of packed 16-bit values (lo in the low half).
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
 

@@ -1,0 +1,340 @@
+// FlashAttention backward, portable path for sm_80+ (mma.sync, ldmatrix, cp.async).
+//
+// flash_bwd_preprocess  D = rowsum(dO * O); lse2 = lse * log2(e) (+inf where lse = -inf, so that
+//                       P = 0 there); zeroes the float32 dQ accumulator.
+// flash_bwd_dkdv        one CTA per (K/V tile j, batch, kv head). K_j and V_j stay in shared
+//                       memory; the CTA walks every query head of its kv head's group and every Q
+//                       tile i that can see tile j (Q_i, dO_i, lse2_i, D_i double-buffered), and
+//                       recomputes P from the saved LSE instead of storing it:
+//                         S^T = K_j Q_i^T     P^T = exp2(S^T * scale_log2 - lse2_i)
+//                         dP^T = V_j dO_i^T   dS^T = P^T * (dP^T - D_i)
+//                         dV_j += P^T dO_i    dK_j += dS^T Q_i    (dK_j scaled once at the end)
+//                       With DQ_ATOMIC it also adds dQ_i += dS K_j into the float32 accumulator.
+// flash_bwd_convert_dq  dQ = scale * accumulator, in the input type and the caller's strides.
+// flash_bwd_dq          the deterministic dQ (DQ_ATOMIC = 0): one CTA per (Q tile, batch, head)
+//                       walks the K/V tiles like the forward and sums dS_ij K_j in registers.
+#include "warp_gemm.cuh"
+
+// Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
+// DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile).
+constexpr int kBlockM = BLOCK_M;
+constexpr int kBlockN = BLOCK_N;
+constexpr int kThreads = NWARPS * 32;
+constexpr int kPitchP = BLOCK_M + 8;  // rows of the P^T and dS^T tiles: Br query columns, padded
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Warp grids over each GEMM's output: WM warps along its rows, NWARPS / WM along its columns.
+// Square-ish warp blocks read fewer operand bytes from shared memory, which bounds this kernel.
+template <int ROWS, int COLS, int WM>
+struct WarpGrid {
+    static constexpr int kWN = NWARPS / WM;
+    static constexpr int kMT = ROWS / WM / 16, kNT = COLS / kWN / 8;  // m16 / n8 tiles per warp
+    static_assert(WM * kWN == NWARPS && kMT * WM * 16 == ROWS && kNT * kWN * 8 == COLS && kNT % 2 == 0,
+                  "the warps must tile the output in m16 x n16 pieces");
+    __device__ static int row0() { return (threadIdx.x / 32) % WM * kMT * 16; }
+    __device__ static int col0() { return (threadIdx.x / 32) / WM * kNT * 8; }
+};
+typedef WarpGrid<kBlockN, kBlockM, SDP_WM> GridSdP;  // S^T, dP^T: (Bc, Br)
+typedef WarpGrid<kBlockN, HEAD_DIM, KV_WM> GridKV;   // dK, dV: (Bc, d)
+typedef WarpGrid<kBlockM, HEAD_DIM, DQ_WM> GridDQ;   // dQ: (Br, d)
+
+extern "C" __global__ void __launch_bounds__(128)
+flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ lse,
+                     float* __restrict__ lse2, float* __restrict__ dsum, float* __restrict__ dq_accum,
+                     int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
+                     int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
+                     int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total) {
+    // One warp per query row; lane l holds columns 8l .. 8l + 7.
+    const int row_id = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row_id >= rows_total) return;
+    const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
+    const int batch = bh / num_heads, head = bh % num_heads;
+    const int c = lane * 8;
+    float acc = 0.f;
+    if (c < head_dim) {
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + batch * o_batch_stride + r * o_row_stride + head * o_head_stride + c);
+        const uint4 dv = *reinterpret_cast<const uint4*>(dout + batch * do_batch_stride + r * do_row_stride + head * do_head_stride + c);
+        const elem_t* oe = reinterpret_cast<const elem_t*>(&ov);
+        const elem_t* de = reinterpret_cast<const elem_t*>(&dv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc += static_cast<float>(oe[i]) * static_cast<float>(de[i]);
+        if (DQ_ATOMIC) {
+            float4* dq = reinterpret_cast<float4*>(dq_accum + static_cast<int64>(row_id) * head_dim + c);
+            dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
+    if (lane == 0) {
+        const int64 i = static_cast<int64>(bh) * seqlen_q_pad + r;
+        const float l = lse[static_cast<int64>(row_id)];
+        dsum[i] = acc;
+        lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
+    }
+}
+
+// Br floats of a (batch, head) row of lse2 or D (rows seqlen_q_pad apart, 16-byte aligned), rows
+// past seqlen_q zero-filled.
+__device__ __forceinline__ void load_row_stats_async(float* s, const float* g, int rows_valid) {
+    for (int i = threadIdx.x; i < kBlockM / 4; i += kThreads) {
+        const int valid = max(0, min(4, rows_valid - 4 * i));
+        ptx::cp_async_16(s + 4 * i, valid ? g + 4 * i : g, valid * 4);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+               const elem_t* __restrict__ dout, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
+               float* __restrict__ dq_accum, const float* __restrict__ lse2, const float* __restrict__ dsum,
+               int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
+               int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
+               int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
+               int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
+               int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
+               int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
+               int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
+               int num_n_blocks, float scale_log2, float scale) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    elem_t* sK = reinterpret_cast<elem_t*>(smem);  // (Bc, d), later the staging tile of dK
+    elem_t* sV = sK + kBlockN * kPitch;             // (Bc, d), later the staging tile of dV
+    elem_t* sQ = sV + kBlockN * kPitch;             // 2 x (Br, d)
+    elem_t* sdO = sQ + 2 * kBlockM * kPitch;        // 2 x (Br, d)
+    elem_t* sPt = sdO + 2 * kBlockM * kPitch;       // (Bc, Br): P^T
+    elem_t* sdSt = sPt + kBlockN * kPitchP;         // (Bc, Br): dS^T
+    float* sLse2 = reinterpret_cast<float*>(sdSt + kBlockN * kPitchP);  // 2 x Br
+    float* sD = sLse2 + 2 * kBlockM;                                      // 2 x Br
+
+    const int bhk = blockIdx.x / num_n_blocks, n_block = blockIdx.x % num_n_blocks;
+    const int batch = bhk / num_heads_k, head_k = bhk % num_heads_k;
+    const int group = num_heads / num_heads_k;
+    const int n0 = n_block * kBlockN, diag = seqlen_k - seqlen_q;
+    // Under causal, query row i sees key n0 only from row n0 - diag on.
+    const int m_block_min = IS_CAUSAL ? max(0, n0 - diag) / kBlockM : 0;
+    const int m_blocks = max(0, ceil_div(seqlen_q, kBlockM) - m_block_min);
+    const int n_iters = group * m_blocks;  // (query head, Q tile) pairs
+
+    const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
+    const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
+    // Q_i, dO_i, lse2_i, D_i of iteration `it` into buffer `stage`.
+    auto load_q_tile = [&](int it, int stage) {
+        const int head = head_k * group + it / m_blocks, m0 = (m_block_min + it % m_blocks) * kBlockM;
+        const int64 stats = static_cast<int64>(batch * num_heads + head) * seqlen_q_pad + m0;
+        load_tile_async<kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
+                                           q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
+                                           q_row_stride, seqlen_q - m0, head_dim);
+        load_tile_async<kBlockM, kThreads>(sdO + stage * kBlockM * kPitch,
+                                           dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
+                                           do_row_stride, seqlen_q - m0, head_dim);
+        load_row_stats_async(sLse2 + stage * kBlockM, lse2 + stats, seqlen_q - m0);
+        load_row_stats_async(sD + stage * kBlockM, dsum + stats, seqlen_q - m0);
+    };
+
+    load_kv_tile<kBlockN, kThreads>(sK, sV, gK, gV, k_row_stride, v_row_stride, n0, seqlen_k, head_dim);
+    if (n_iters > 0) load_q_tile(0, 0);
+    ptx::cp_async_commit();
+
+    float acc_dk[GridKV::kMT][GridKV::kNT][4], acc_dv[GridKV::kMT][GridKV::kNT][4];
+    zero(acc_dk);
+    zero(acc_dv);
+
+    for (int it = 0; it < n_iters; ++it) {
+        const int stage = it % 2;
+        const int head = head_k * group + it / m_blocks, m0 = (m_block_min + it % m_blocks) * kBlockM;
+        // Tile i has landed; every warp is done with iteration i-1 (its buffers and sPt, sdSt).
+        ptx::cp_async_wait<0>();
+        __syncthreads();
+        if (it + 1 < n_iters) load_q_tile(it + 1, stage ^ 1);
+        ptx::cp_async_commit();
+        const elem_t* sQi = sQ + stage * kBlockM * kPitch;
+        const elem_t* sdOi = sdO + stage * kBlockM * kPitch;
+        const float* sLse2i = sLse2 + stage * kBlockM;
+        const float* sDi = sD + stage * kBlockM;
+
+        {
+            const int r0 = GridSdP::row0(), c0 = GridSdP::col0();
+            // S^T = K_j Q_i^T   (Bc, Br)
+            float acc_s[GridSdP::kMT][GridSdP::kNT][4];
+            zero(acc_s);
+            warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_s, sK + r0 * kPitch, kPitch, sQi + c0 * kPitch, kPitch);
+            // dP^T = V_j dO_i^T   (Bc, Br)
+            float acc_dp[GridSdP::kMT][GridSdP::kNT][4];
+            zero(acc_dp);
+            warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
+            // P^T = exp2(S^T * scale_log2 - lse2), 0 where invisible; dS^T = P^T * (dP^T - D)
+            const bool need_mask = tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag);
+#pragma unroll
+            for (int mt = 0; mt < GridSdP::kMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < GridSdP::kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = r0 + acc_row(mt, e), row = c0 + acc_col(nt, e);
+                        float p = ptx::exp2_approx(fmaf(acc_s[mt][nt][e], scale_log2, -sLse2i[row]));
+                        if (need_mask && !visible(m0 + row, n0 + key, seqlen_k, diag)) p = 0.f;
+                        acc_s[mt][nt][e] = p;
+                        acc_dp[mt][nt][e] = p * (acc_dp[mt][nt][e] - sDi[row]);
+                    }
+            store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
+            store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
+        }
+        __syncthreads();
+
+        // dV_j += P^T dO_i;  dK_j += dS^T Q_i   (Bc, d)
+        {
+            const int r0 = GridKV::row0(), c0 = GridKV::col0();
+            warp_gemm_ss<GridKV::kMT, GridKV::kNT, kBlockM, false, true>(acc_dv, sPt + r0 * kPitchP, kPitchP, sdOi + c0, kPitch);
+            warp_gemm_ss<GridKV::kMT, GridKV::kNT, kBlockM, false, true>(acc_dk, sdSt + r0 * kPitchP, kPitchP, sQi + c0, kPitch);
+        }
+        if (DQ_ATOMIC) {
+            // dQ_i += dS K_j   (Br, d), added to the float32 accumulator
+            const int r0 = GridDQ::row0(), c0 = GridDQ::col0();
+            float acc_dq[GridDQ::kMT][GridDQ::kNT][4];
+            zero(acc_dq);
+            warp_gemm_ss<GridDQ::kMT, GridDQ::kNT, kBlockN, true, true>(acc_dq, sdSt + r0, kPitchP, sK + c0, kPitch);
+            float* gdq = dq_accum + (static_cast<int64>(batch * num_heads + head) * seqlen_q + m0) * head_dim;
+#pragma unroll
+            for (int mt = 0; mt < GridDQ::kMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < GridDQ::kNT; ++nt)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int row = r0 + acc_row(mt, 2 * hh), col = c0 + acc_col(nt, 0);
+                        if (m0 + row < seqlen_q && col < head_dim)
+                            ptx::red_add_f32x2(gdq + static_cast<int64>(row) * head_dim + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
+                    }
+        }
+    }
+
+    // dK_j = scale * acc_dk, dV_j = acc_dv, staged through sK and sV once every warp is done and
+    // no copy is in flight (with no Q tile to visit, the loads of K and V were never waited on).
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    {
+        const int r0 = GridKV::row0(), c0 = GridKV::col0();
+        store_acc(sK + r0 * kPitch + c0, kPitch, acc_dk, scale);
+        store_acc(sV + r0 * kPitch + c0, kPitch, acc_dv, 1.f);
+    }
+    __syncthreads();
+    store_tile<kBlockN, kThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
+                                  sK, dk_row_stride, seqlen_k - n0, head_dim);
+    store_tile<kBlockN, kThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
+                                  sV, dv_row_stride, seqlen_k - n0, head_dim);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
+                     int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
+                     int seqlen_q, int num_heads, int head_dim, int rows_total, float scale) {
+    // One warp per (batch, head, row) of the accumulator; lane l converts columns 8l .. 8l + 7.
+    const int row_id = blockIdx.x * 4 + threadIdx.x / 32, c = (threadIdx.x % 32) * 8;
+    if (row_id >= rows_total || c >= head_dim) return;
+    const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
+    const float4* src = reinterpret_cast<const float4*>(dq_accum + static_cast<int64>(row_id) * head_dim + c);
+    const float4 a = src[0], b = src[1];
+    uint4 packed;
+    packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);
+    packed.y = ptx::pack2<elem_t>(a.z * scale, a.w * scale);
+    packed.z = ptx::pack2<elem_t>(b.x * scale, b.y * scale);
+    packed.w = ptx::pack2<elem_t>(b.z * scale, b.w * scale);
+    *reinterpret_cast<uint4*>(dq + (bh / num_heads) * dq_batch_stride + r * dq_row_stride + (bh % num_heads) * dq_head_stride + c) = packed;
+}
+
+// ---- deterministic dQ: each warp owns 16 query rows, K/V tiles of DQ_BLOCK_N keys stream through
+// a 2-stage ring as in the forward.
+constexpr int kDqBlockN = DQ_BLOCK_N;
+constexpr int kDqThreads = kBlockM / 16 * 32;
+constexpr int kDqNT = DQ_BLOCK_N / 8;
+constexpr int kDT = HEAD_DIM / 8;
+
+extern "C" __global__ void __launch_bounds__(kDqThreads)
+flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+             const elem_t* __restrict__ dout, elem_t* __restrict__ dq,
+             const float* __restrict__ lse2, const float* __restrict__ dsum,
+             int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
+             int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
+             int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
+             int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
+             int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
+             int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
+             int num_m_blocks, float scale_log2, float scale) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    elem_t* sQ = reinterpret_cast<elem_t*>(smem);  // (Br, d), later the staging tile of dQ
+    elem_t* sdO = sQ + kBlockM * kPitch;            // (Br, d)
+    elem_t* sK = sdO + kBlockM * kPitch;            // 2 x (Bc, d)
+    elem_t* sV = sK + 2 * kDqBlockN * kPitch;       // 2 x (Bc, d)
+
+    const int bh = blockIdx.x / num_m_blocks;
+    int m_block = blockIdx.x % num_m_blocks;
+    if (IS_CAUSAL) m_block = num_m_blocks - 1 - m_block;  // heaviest first
+    const int batch = bh / num_heads, head = bh % num_heads;
+    const int head_k = head / (num_heads / num_heads_k);
+    const int m0 = m_block * kBlockM, diag = seqlen_k - seqlen_q;
+    const int warp_row0 = (threadIdx.x / 32) * 16;
+    const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
+    const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
+    const int n_block_max = kv_blocks_visited(m0, kBlockM, kDqBlockN, seqlen_k, diag);
+
+    // lse2 and D of this thread's two rows
+    float row_lse2[2], row_d[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int r = m0 + warp_row0 + acc_row(0, 2 * hh);
+        const int64 i = static_cast<int64>(bh) * seqlen_q_pad + r;
+        row_lse2[hh] = r < seqlen_q ? lse2[i] : 0.f;
+        row_d[hh] = r < seqlen_q ? dsum[i] : 0.f;
+    }
+
+    load_tile_async<kBlockM, kDqThreads>(sQ, q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
+                                         q_row_stride, seqlen_q - m0, head_dim);
+    load_tile_async<kBlockM, kDqThreads>(sdO, dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
+                                         do_row_stride, seqlen_q - m0, head_dim);
+    if (n_block_max > 0)
+        load_kv_tile<kDqBlockN, kDqThreads>(sK, sV, gK, gV, k_row_stride, v_row_stride, 0, seqlen_k, head_dim);
+    ptx::cp_async_commit();
+
+    float acc_dq[1][kDT][4];
+    zero(acc_dq);
+    for (int n_block = 0; n_block < n_block_max; ++n_block) {
+        const int n0 = n_block * kDqBlockN, stage = n_block % 2;
+        ptx::cp_async_wait<0>();
+        __syncthreads();
+        if (n_block + 1 < n_block_max)
+            load_kv_tile<kDqBlockN, kDqThreads>(sK + (stage ^ 1) * kDqBlockN * kPitch, sV + (stage ^ 1) * kDqBlockN * kPitch,
+                                                gK, gV, k_row_stride, v_row_stride, n0 + kDqBlockN, seqlen_k, head_dim);
+        ptx::cp_async_commit();
+        const elem_t* sKj = sK + stage * kDqBlockN * kPitch;
+        const elem_t* sVj = sV + stage * kDqBlockN * kPitch;
+
+        // S = Q_i K_j^T, dP = dO_i V_j^T   (16 rows of this warp, Bc)
+        float acc_s[1][kDqNT][4], acc_dp[1][kDqNT][4];
+        zero(acc_s);
+        zero(acc_dp);
+        warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
+        warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_dp, sdO + warp_row0 * kPitch, kPitch, sVj, kPitch);
+        // dS = P * (dP - D) with P = exp2(S * scale_log2 - lse2), 0 where invisible
+        const bool need_mask = tile_needs_mask(m0, n0, kDqBlockN, seqlen_k, diag);
+#pragma unroll
+        for (int nt = 0; nt < kDqNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + warp_row0 + acc_row(0, e), key = n0 + acc_col(nt, e);
+                float p = ptx::exp2_approx(fmaf(acc_s[0][nt][e], scale_log2, -row_lse2[e / 2]));
+                if (need_mask && !visible(row, key, seqlen_k, diag)) p = 0.f;
+                acc_dp[0][nt][e] = p * (acc_dp[0][nt][e] - row_d[e / 2]);
+            }
+        // dQ_i += dS K_j
+        unsigned ds[1][kDqBlockN / 16][4];
+        acc_to_a_frags(ds, acc_dp);
+        warp_gemm_rs<1, kDT, kDqBlockN, true>(acc_dq, ds, sKj, kPitch);
+    }
+
+    // Stage dQ in sQ once no copy is in flight (with no K/V tile to visit, the load of Q was never
+    // waited on); each warp stages only its own rows.
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    store_acc(sQ + warp_row0 * kPitch, kPitch, acc_dq, scale);
+    __syncthreads();
+    store_tile<kBlockM, kDqThreads>(dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride,
+                                    sQ, dq_row_stride, seqlen_q - m0, head_dim);
+}
