@@ -5,9 +5,14 @@
   is what "the same computation in the input's precision" means in the tests' 2x error rule.
 - flash_forward_model: the tiled FlashAttention forward in the loop order, tile skipping, masking
   and running statistics of cuda_src/flash_fwd.cu.
+- attention_reference_backward: plain gradients (dq, dk, dv) of the same attention, with the same
+  upcast switch (upcast=False rounds S, P, O, dP, dS and dq, dk, dv to the input dtype).
+- flash_backward_model: the tiled FlashAttention-2 backward the CUDA kernel runs: one pass per
+  K/V tile, dK and dV accumulated on chip, dQ accumulated in a float32 buffer (atomics there).
 
 Layout as in the API: q (batch, seqlen_q, nheads, d); k, v (batch, seqlen_k, nheads_k, d);
 lse (batch, nheads, seqlen_q), natural log; a row that sees no key has o = 0 and lse = -inf.
+Gradients have the layout of what they differentiate: dout and dq like q; dk, dv like k, v.
 """
 import math
 
@@ -72,8 +77,7 @@ def default_scale(head_dim, softmax_scale):
 def attention_reference(q, k, v, softmax_scale=None, causal=False, upcast=True):
     """(o, lse) of plain attention; float64 if upcast, else float32 rounded to q's dtype per stage."""
     xp = _xp(q)
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
     scale = default_scale(head_dim, softmax_scale)
     lowp = q.dtype.name if not upcast else None
     compute = xp.float64 if upcast else xp.float32
@@ -81,6 +85,20 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, upcast=True):
     group = nheads // nheads_k
     k_ = xp.repeat(k_, group, axis=2)
     v_ = xp.repeat(v_, group, axis=2)
+    p, lse = _probabilities(q_, k_, scale, causal, lowp)
+    o = xp.einsum("bhqk,bkhd->bqhd", p, v_)
+    if lowp:
+        o = round_to(o, lowp)
+    return o, lse
+
+
+def _probabilities(q_, k_, scale, causal, lowp):
+    """(P, lse) of q_ (b, sq, h, d) against k_ (b, sk, h, d), both upcast, K already repeated per
+    query head; P (b, h, sq, sk) rounded to lowp when set (S too); masked keys and rows that see
+    no key have P = 0, the latter lse = -inf."""
+    xp = _xp(q_)
+    compute = q_.dtype.type
+    seqlen_q, seqlen_k = q_.shape[1], k_.shape[1]
     # S = Q K^T * scale   (batch, nheads, seqlen_q, seqlen_k)
     s = xp.einsum("bqhd,bkhd->bhqk", q_, k_) * compute(scale)
     if lowp:
@@ -93,11 +111,48 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, upcast=True):
     p = e / xp.where(l > 0, l, 1)
     if lowp:
         p = round_to(p, lowp)
-    o = xp.einsum("bhqk,bkhd->bqhd", p, v_)
-    if lowp:
-        o = round_to(o, lowp)
     lse = xp.where(l > 0, xp.log(xp.where(l > 0, l, 1)) + m_safe, -xp.inf)[..., 0]
-    return o, lse
+    return p, lse
+
+
+def _sum_groups(x, nheads_k):
+    """(b, s, nheads, d) -> (b, s, nheads_k, d): the sum over each group of query heads that
+    shares a K/V head (query head h uses K/V head h // group)."""
+    batch, seqlen, nheads, head_dim = x.shape
+    return x.reshape(batch, seqlen, nheads_k, nheads // nheads_k, head_dim).sum(axis=3)
+
+
+def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False, upcast=True):
+    """(dq, dk, dv) of plain attention for the upstream gradient dout (shaped like q); float64 if
+    upcast, else float32 rounded to q's dtype after S, P, O (which D = rowsum(dO * O) reads), dP,
+    dS and the final dq, dk, dv (what a framework stores in the input dtype). dk, dv sum over the
+    query heads of a group; rows that see no key have P = 0 and dq = 0."""
+    xp = _xp(q)
+    head_dim, nheads_k = q.shape[3], k.shape[2]
+    scale = default_scale(head_dim, softmax_scale)
+    lowp = q.dtype.name if not upcast else None
+    compute = xp.float64 if upcast else xp.float32
+    q_, k_, v_, do_ = (_upcast(x, compute) for x in (q, k, v, dout))
+    group = q.shape[2] // nheads_k
+    k_ = xp.repeat(k_, group, axis=2)
+    v_ = xp.repeat(v_, group, axis=2)
+    rnd = (lambda x: round_to(x, lowp)) if lowp else (lambda x: x)
+    p, _ = _probabilities(q_, k_, scale, causal, lowp)              # (b, h, sq, sk)
+    # dV = P^T dO
+    dv = _sum_groups(xp.einsum("bhqk,bqhd->bkhd", p, do_), nheads_k)
+    # dP = dO V^T
+    dp = rnd(xp.einsum("bqhd,bkhd->bhqk", do_, v_))
+    # D = rowsum(dO * O) (= rowsum(P * dP)) from O as the forward stores it: when P is nearly
+    # one-hot, dP - D cancels and the rounding of O sets the error of dS, as it does in the kernel
+    # (rowsum(P * dP) from the rounded P and dP, or a rounded D, would cancel exactly instead).
+    o = rnd(xp.einsum("bhqk,bkhd->bqhd", p, v_))
+    d_row = xp.einsum("bqhd,bqhd->bhq", do_, o)[..., None]
+    # dS = P * (dP - D)
+    ds = rnd(p * (dp - d_row))
+    # dQ = scale * dS K; dK = scale * dS^T Q
+    dq = xp.einsum("bhqk,bkhd->bqhd", ds, k_) * compute(scale)
+    dk = _sum_groups(xp.einsum("bhqk,bqhd->bkhd", ds, q_), nheads_k) * compute(scale)
+    return rnd(dq), rnd(dk), rnd(dv)
 
 
 def n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal):
@@ -160,3 +215,75 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
         lse[:, :, rows] = np.where(l_i > 0, m_i / LOG2E + np.log(safe_l), -np.inf)
     o = round_to(o.transpose(0, 2, 1, 3).astype(acc), dtype)
     return o, lse
+
+
+def m_block_min(n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
+    """First Q tile that K/V tile n_block must visit (tiles before it see none of its keys); the
+    number of Q tiles when no row sees the tile, so that range(m_block_min, n_m_blocks) is empty."""
+    if not causal:
+        return 0
+    # Row i sees key j iff j <= i + seqlen_k - seqlen_q: the first row that sees the tile's first key.
+    first_row = max(0, n_block * block_n - (seqlen_k - seqlen_q))
+    if first_row >= seqlen_q:
+        return -(-seqlen_q // block_m)
+    return first_row // block_m
+
+
+def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=False, block_m=64, block_n=64):
+    """The backward kernel's algorithm in NumPy (FlashAttention-2, K/V-tile outer loop): for each
+    (batch, K/V head, K/V tile), dK and dV accumulate on chip over the group's query heads and the
+    Q tiles from m_block_min; P is recomputed from the forward's lse; P and dS are rounded to the
+    input dtype before their GEMMs; dQ accumulates in a float32 buffer (atomics in the kernel).
+    out and lse are the forward's. Returns (dq, dk, dv) in q's dtype."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    dtype = q.dtype.name
+    acc = np.float64 if dtype == "float64" else np.float32
+    scale = acc(default_scale(head_dim, softmax_scale))
+    scale_log2 = acc(default_scale(head_dim, softmax_scale) * LOG2E)
+    group = nheads // nheads_k
+    q_, k_, v_, do_, o_ = (_upcast(x, acc) for x in (q, k, v, dout, out))
+    # A row that sees no key has lse = -inf: use +inf so that P = exp2(S * scale_log2 - inf) = 0.
+    lse_log2 = np.where(np.isneginf(lse), np.inf, _upcast(lse, acc) * acc(LOG2E)).astype(acc)
+    # D = rowsum(dO * O)   (b, h, sq)
+    d_rows = (do_ * o_).sum(axis=-1).transpose(0, 2, 1)
+    dq_accum = np.zeros((batch, seqlen_q, nheads, head_dim), acc)      # float32 buffer, atomics
+    dk = np.zeros((batch, seqlen_k, nheads_k, head_dim), acc)
+    dv = np.zeros((batch, seqlen_k, nheads_k, head_dim), acc)
+    n_m_blocks = -(-seqlen_q // block_m)
+    for b in range(batch):
+        for h_k in range(nheads_k):
+            for n_block in range(-(-seqlen_k // block_n)):
+                cols = slice(n_block * block_n, (n_block + 1) * block_n)
+                col_ids = np.arange(seqlen_k)[cols]
+                k_tile, v_tile = k_[b, cols, h_k], v_[b, cols, h_k]             # (Bc, d)
+                acc_dk = np.zeros(k_tile.shape, acc)                           # (Bc, d)
+                acc_dv = np.zeros(v_tile.shape, acc)                           # (Bc, d)
+                for h in range(h_k * group, (h_k + 1) * group):
+                    for m_block in range(m_block_min(n_block, block_m, block_n, seqlen_q, seqlen_k, causal), n_m_blocks):
+                        rows = slice(m_block * block_m, (m_block + 1) * block_m)
+                        row_ids = np.arange(seqlen_q)[rows]
+                        q_tile, do_tile = q_[b, rows, h], do_[b, rows, h]       # (Br, d)
+                        # S = Q_i K_j^T   (Br, Bc)
+                        s = q_tile @ k_tile.T
+                        if tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
+                            seen = (col_ids[None, :] < seqlen_k) & (not causal or col_ids[None, :] <= row_ids[:, None] + seqlen_k - seqlen_q)
+                            s = np.where(seen, s, -np.inf)
+                        # P = exp2(S * scale_log2 - lse_i * log2e)
+                        p = np.exp2(s * scale_log2 - lse_log2[b, h, rows][:, None]).astype(acc)
+                        p_in = round_to(p, dtype)                               # P as the GEMMs read it
+                        # dV_j += P^T dO_i
+                        acc_dv += p_in.T @ do_tile
+                        # dP = dO_i V_j^T
+                        dp = do_tile @ v_tile.T
+                        # dS = P * (dP - D_i)
+                        ds = round_to((p * (dp - d_rows[b, h, rows][:, None])).astype(acc), dtype)
+                        # dK_j += dS^T Q_i
+                        acc_dk += ds.T @ q_tile
+                        # dQ_i += scale * dS K_j   (atomicAdd into the float32 buffer)
+                        dq_accum[b, rows, h] += scale * (ds @ k_tile)
+                # dK_j = scale * dK_acc; dV_j = dV_acc
+                dk[b, cols, h_k] = scale * acc_dk
+                dv[b, cols, h_k] = acc_dv
+    # dQ, dK, dV rounded to the input dtype
+    return tuple(from_float32(x, dtype) for x in (dq_accum, dk, dv))
