@@ -1,6 +1,6 @@
 """cuflash: exact FlashAttention for CuPy, PyTorch and JAX arrays, compiled at run time by NVRTC."""
-from .api import flash_attn_func, forward, warmup
-from .plan import FwdTile
+from .api import backward, flash_attn_func, forward, warmup
+from .plan import BwdTile, FwdTile
 
 __version__ = "0.1.0"
 
@@ -15,4 +15,4 @@ def cuda_available():
         return False
 
 
-__all__ = ["flash_attn_func", "forward", "warmup", "FwdTile", "cuda_available", "__version__"]
+__all__ = ["flash_attn_func", "forward", "backward", "warmup", "FwdTile", "BwdTile", "cuda_available", "__version__"]

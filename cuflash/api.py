@@ -1,7 +1,8 @@
 """Public entry points: validate, bring arrays in (zero-copy), launch, hand results back."""
 import time
 
-from . import interop, plan, validate
+from . import autograd, interop, plan, validate
+from .backward import launch_backward
 from .forward import launch_forward
 
 
@@ -15,7 +16,8 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
 
     Returns (o, lse) in the caller's framework: o like q, lse float32 (batch, nheads, seqlen_q)
     in natural log; a query row that sees no key gets o = 0 and lse = -inf. `out` receives O if
-    given. `tile` (a plan.FwdTile) overrides the tile table, for tuning.
+    given. `tile` (a plan.FwdTile) overrides the tile table, for tuning. No autograd is recorded:
+    flash_attn_func is the differentiable entry.
     """
     q_info, k_info, v_info = (interop.describe(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     validate.check_qkv(q_info, k_info, v_info)
@@ -26,9 +28,8 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
         out_info = interop.describe(out, "out")
         validate.check_out(out_info, q_info)
     variant = plan.forward_variant(q_info.dtype, head_dim, causal, tile)
-    _refuse_grad(q_info, (q, k, v))
 
-    with interop.caller_stream(q_info):
+    with interop.caller_stream(q_info) as stream:
         empty = interop.allocator(q_info)
         native_o, o_info = empty(q_info.shape, q_info.dtype) if out is None else (out, out_info)
         native_lse, lse_info = empty((batch, nheads, seqlen_q), "float32")
@@ -42,15 +43,65 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
             # cp.async moves 16-byte rows: the rare view whose rows are not 16-byte aligned is copied.
             operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
                         for x, info in operands]
-            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, variant.tile)
+            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, stream, variant.tile)
     return interop.export(native_o, q_info.framework), interop.export(native_lse, q_info.framework)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False):
-    """flash-attn 2 compatible entry: returns O, or (O, lse) with return_lse=True."""
+def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, deterministic=False, tile=None):
+    """Gradients (dq, dk, dv) of attention, from the forward's inputs, output and lse.
+
+    dout and out are shaped like q; lse is the forward's float32 (batch, nheads, seqlen_q).
+    dk and dv are summed over each group of query heads that shares a kv head (MQA/GQA).
+    deterministic=True uses no floating-point atomics, so repeated calls give bitwise-equal
+    gradients (dQ then takes a second pass over K and V). `tile` (a plan.BwdTile) overrides the
+    tile table. Results come back in the caller's framework.
+    """
+    names = ("dout", "q", "k", "v", "out", "lse")
+    arrays = (dout, q, k, v, out, lse)
+    dout_info, q_info, k_info, v_info, out_info, lse_info = (interop.describe(x, n) for x, n in zip(arrays, names))
+    validate.check_qkv(q_info, k_info, v_info)
+    validate.check_like("dout", dout_info, q_info)
+    validate.check_like("out", out_info, q_info)
+    validate.check_lse(lse_info, q_info)
+    causal = validate.flag("causal", causal)
+    deterministic = validate.flag("deterministic", deterministic)
+    batch, seqlen_q, nheads, head_dim = q_info.shape
+    scale = validate.softmax_scale(softmax_scale, head_dim)
+    plan.backward_variant(q_info.dtype, head_dim, causal, deterministic, tile)
+
+    with interop.caller_stream(q_info) as stream:
+        empty = interop.allocator(q_info)
+        (native_dq, dq), (native_dk, dk), (native_dv, dv) = (
+            empty(info.shape, info.dtype) for info in (q_info, k_info, v_info))
+        if 0 in q_info.shape or 0 in k_info.shape:
+            # No query or no key: every gradient that has elements is zero.
+            for native in (native_dq, native_dk, native_dv):
+                interop.fill(native, 0)
+        else:
+            operands = [interop.launchable(x, info) for x, info in zip(arrays, (dout_info, q_info, k_info, v_info, out_info))]
+            operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info) for x, info in operands]
+            lse_array, lse_info = interop.launchable(lse, lse_info)
+            if not validate.is_contiguous(lse_info):
+                lse_array, lse_info = interop.contiguous_copy(lse_array, lse_info)
+            dout_i, q_i, k_i, v_i, out_i = (info for _, info in operands)
+            launch_backward(dout_i, q_i, k_i, v_i, out_i, lse_info, dq, dk, dv, scale, causal, deterministic, empty,
+                            stream, tile)
+    return tuple(interop.export(native, q_info.framework) for native in (native_dq, native_dk, native_dv))
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False,
+                    deterministic=False):
+    """flash-attn 2 compatible entry: returns O, or (O, lse) with return_lse=True.
+
+    Differentiable with respect to q, k and v for torch tensors (torch.autograd, torch.compile)
+    and JAX arrays (jax.grad, jax.jit); lse is not differentiable (a gradient reaching it raises).
+    deterministic=True makes the backward bitwise reproducible. CuPy arrays get the forward only.
+    """
     if validate.dropout_p(dropout_p) != 0.0:
         raise NotImplementedError("dropout_p > 0 is not supported yet; cuflash's forward is exact attention")
-    o, lse = forward(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    causal = validate.flag("causal", causal)
+    deterministic = validate.flag("deterministic", deterministic)
+    o, lse = autograd.attention(q, k, v, softmax_scale, causal, deterministic)
     return (o, lse) if return_lse else o
 
 
@@ -70,14 +121,3 @@ def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, T
                 variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=smem_limit(device_id))
                 compile_.get_function(compile_.forward_program(variant), device_id)
     return time.perf_counter() - start
-
-
-def _refuse_grad(q_info, arrays):
-    """Without a backward, a torch output that silently drops gradients would be a wrong answer."""
-    if q_info.framework != "torch":
-        return
-    import torch
-
-    if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
-        raise NotImplementedError("cuflash has no backward yet: call it under torch.no_grad() "
-                                  "or pass tensors that do not require grad")

@@ -52,22 +52,47 @@ _cache = {}
 _lock = threading.Lock()
 
 
-def get_function(program, device_id):
-    """The compiled kernel of `program` (a (source, options, name) triple) on device_id.
+def get_function(program, device_id, name=None):
+    """Kernel `name` (default: the program's only one) of `program`, a (source, options, names)
+    triple, compiled for device_id.
 
-    Memoised per device and program; CuPy keeps the binary in its disk cache across processes.
+    Modules are memoised per device and program; CuPy keeps binaries in its disk cache too.
     """
-    key = (device_id, program)
+    source, options, names = program
+    key = (device_id, program, name)
     function = _cache.get(key)
     if function is None:
         import cupy
 
         with _lock:
-            function = _cache.get(key)
-            if function is None:
-                source, options, name = program
+            module = _cache.get((device_id, program))
+            if module is None:
                 with cupy.cuda.Device(device_id):
                     module = cupy.RawModule(code=source, options=options)
-                    function = module.get_function(name)
-                _cache[key] = function
+                _cache[(device_id, program)] = module
+            with cupy.cuda.Device(device_id):
+                function = module.get_function(names if name is None else name)
+            _cache[key] = function
     return function
+
+
+@functools.lru_cache(maxsize=None)
+def backward_program(variant):
+    """(source, options, kernel names) of a backward variant; the caller adds -arch."""
+    tile = variant.tile
+    defines = {
+        "HEAD_DIM": variant.head_dim,
+        "BLOCK_M": tile.block_m,
+        "BLOCK_N": tile.block_n,
+        "NWARPS": tile.num_warps,
+        "DQ_BLOCK_N": tile.dq_block_n,
+        "SDP_WM": tile.sdp_wm,
+        "KV_WM": tile.kv_wm,
+        "DQ_WM": tile.dq_wm,
+        "DQ_ATOMIC": int(not variant.deterministic),
+        "IS_CAUSAL": int(variant.causal),
+        "IS_BF16": int(variant.dtype == "bfloat16"),
+    }
+    options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
+    names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
+    return flatten_source("flash_bwd.cu"), options, names

@@ -2,17 +2,17 @@
 import functools
 import threading
 
-import numpy
-
 from . import compile as compile_
 from . import plan
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
 
 
-def launch_forward(q, k, v, o, lse, softmax_scale, causal, tile=None):
-    """O and LSE of softmax(Q K^T * scale [+ causal mask]) V, on CuPy's current device and stream.
+def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None):
+    """O and LSE of softmax(Q K^T * scale [+ causal mask]) V, on CuPy's current device and on
+    `stream` (a raw CUDA stream).
 
     Arguments are interop.ArrayInfo descriptions (pointer, shape, element strides, dtype) of
     validated, 16-byte aligned, non-empty arrays: q, o (batch, seqlen_q, nheads, d); k, v
@@ -29,13 +29,10 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, tile=None):
     grid = batch * nheads * m_blocks
     if grid > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {grid} tiles, seqlens {seqlen_q} and {seqlen_k}")
-    pointers = [numpy.uint64(a.data_ptr) for a in (q, k, v, o, lse)]
-    strides = [numpy.int64(a.strides[axis]) for a in (q, k, v, o) for axis in (0, 1, 2)]
-    kernel((grid,), (variant.tile.threads,),
-           (*pointers, *strides,
-            numpy.int32(seqlen_q), numpy.int32(seqlen_k), numpy.int32(nheads), numpy.int32(nheads_k),
-            numpy.int32(head_dim), numpy.int32(m_blocks), numpy.float32(softmax_scale * LOG2E)),
-           shared_mem=smem)
+    launch(kernel, grid, variant.tile.threads, smem, stream, "5Q12q6if",
+           q.data_ptr, k.data_ptr, v.data_ptr, o.data_ptr, lse.data_ptr,
+           *(a.strides[axis] for a in (q, k, v, o) for axis in (0, 1, 2)),
+           seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, softmax_scale * LOG2E)
 
 
 _prepared = {}

@@ -62,18 +62,18 @@ def describe(x, name):
 
 @contextlib.contextmanager
 def caller_stream(info):
-    """Make the caller's device and stream CuPy's current ones: torch's current stream for torch
-    callers, CuPy's current stream otherwise (JAX orders its side through the DLPack exchange)."""
+    """Make the caller's device CuPy's current one and yield the caller's stream (a raw CUDA
+    stream): torch's current stream for torch callers, CuPy's current stream otherwise (JAX
+    orders its side through the DLPack exchange)."""
     import cupy
 
     with cupy.cuda.Device(info.device):
         if info.framework == "torch":
             import torch
 
-            with cupy.cuda.Stream.from_external(torch.cuda.current_stream(info.device)):
-                yield
+            yield torch.cuda.current_stream(info.device).cuda_stream
         else:
-            yield
+            yield cupy.cuda.get_current_stream().ptr
 
 
 def launchable(x, info):

@@ -1,8 +1,8 @@
-"""Tile plans: which forward kernel variant runs a problem, and how big its tiles are.
+"""Tile plans: which forward and backward kernel variants run a problem, and their tile sizes.
 
-A variant is fixed at compile time by (dtype, head-dim bucket, causal, tile). The tile table is
-keyed by head-dim bucket; the reason for each entry sits beside it. Registers are ptxas's count
-for sm_90 (bf16, causal); "spills" means local-memory traffic in the inner loop.
+A variant is fixed at compile time by (dtype, head-dim bucket, causal, tile[, deterministic]).
+The tile tables are keyed by head-dim bucket; the reason for each entry sits beside it.
+Registers are ptxas's count for sm_90 (bf16, causal).
 """
 from dataclasses import dataclass, replace
 
@@ -117,3 +117,156 @@ def forward_variants():
 
 def num_m_blocks(seqlen_q, tile):
     return -(-seqlen_q // tile.block_m)
+
+
+# ---- backward -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BwdTile:
+    """Tiles of the backward: each flash_bwd_dkdv CTA owns block_n keys (Bc) and walks Q tiles
+    of block_m rows (Br) with num_warps warps, laid out as sdp_wm x (num_warps / sdp_wm) over
+    the (Bc, Br) S^T and dP^T, kv_wm x .. over the (Bc, d) dK and dV, dq_wm x .. over the
+    (Br, d) dQ; flash_bwd_dq (deterministic mode) runs Br/16 warps over K/V tiles of dq_block_n keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    dq_block_n: int
+    sdp_wm: int
+    kv_wm: int
+    dq_wm: int
+
+    def grids(self, bucket):
+        """(rows, columns, warps along rows) of the three GEMM outputs."""
+        return ((self.block_n, self.block_m, self.sdp_wm), (self.block_n, bucket, self.kv_wm),
+                (self.block_m, bucket, self.dq_wm))
+
+    def check(self, bucket):
+        if bucket not in HEAD_DIM_BUCKETS:
+            raise ValueError(f"head-dim bucket {bucket} is not one of {HEAD_DIM_BUCKETS}")
+        if self.dq_block_n % 16 or self.dq_block_n <= 0 or self.block_m % 16 or self.block_m <= 0:
+            raise ValueError(f"tile: block_m={self.block_m} and dq_block_n={self.dq_block_n} must be positive multiples of 16")
+        for rows, cols, wm in self.grids(bucket):
+            if not _grid_ok(rows, cols, wm, self.num_warps):
+                raise ValueError(f"tile: {wm} x {self.num_warps // max(wm, 1)} warps cannot tile a ({rows}, {cols}) "
+                                 "output in m16 x n16 pieces")
+
+    @property
+    def threads(self):
+        return 32 * self.num_warps
+
+    @property
+    def dq_threads(self):
+        return 32 * (self.block_m // 16)
+
+
+def _grid_ok(rows, cols, wm, warps):
+    """The kernel's WarpGrid: wm x (warps / wm) warps, each an m16 x n16 multiple of the output."""
+    return wm > 0 and warps % wm == 0 and rows % (16 * wm) == 0 and cols % (16 * (warps // wm)) == 0
+
+
+@dataclass(frozen=True)
+class BwdVariant:
+    dtype: str
+    head_dim: int  # the bucket
+    causal: bool
+    deterministic: bool
+    tile: BwdTile
+
+
+# Backward tiles per head-dim bucket, for an H100 (227 KB per block); fit_bwd_tile shrinks them.
+# 8 warps own Bc = 128 keys (64 at d > 128, where dK and dV need d/2 accumulators per thread).
+# Warp grids as flash-attn 2's: 32 x 32 warp blocks of S^T, 32 x 64 of dK/dV and 32 x 32 of dQ
+# read a quarter fewer bytes from shared memory than warps stacked along rows (16 x 64, 16 x 128).
+BWD_TILES = {
+    # d <= 64: Br = 128 halves the K/V passes per Q row; 238 vs 219 TFLOP/s at d64, s=4k (bench --tiles)
+    32: BwdTile(128, 128, 8, 64, sdp_wm=4, kv_wm=4, dq_wm=4),   # 133 KB
+    64: BwdTile(128, 128, 8, 64, sdp_wm=4, kv_wm=4, dq_wm=4),   # 182 KB
+    96: BwdTile(64, 128, 8, 64, sdp_wm=4, kv_wm=4, dq_wm=4),    # 96 = 6 x n16: dQ warps 4 x 2
+    128: BwdTile(64, 128, 8, 64, sdp_wm=4, kv_wm=4, dq_wm=2),   # flash-attn 2's; 177 KB: sm_80 runs Br = 32
+    160: BwdTile(64, 64, 8, 32, sdp_wm=2, kv_wm=4, dq_wm=4),   # 160 = 10 x n16: 4 x 2 warps
+    192: BwdTile(64, 64, 8, 32, sdp_wm=2, kv_wm=2, dq_wm=2),
+    224: BwdTile(64, 64, 8, 32, sdp_wm=2, kv_wm=4, dq_wm=4),   # 224 = 14 x n16: 4 x 2 warps
+    256: BwdTile(64, 64, 8, 32, sdp_wm=2, kv_wm=2, dq_wm=2),    # 222 KB; sm_80 runs Br = 32
+}
+
+
+def backward_smem_bytes(head_dim, tile):
+    """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered."""
+    pitch_bytes = (head_dim + 8) * 2
+    return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes
+            + 2 * tile.block_n * (tile.block_m + 8) * 2 + 4 * tile.block_m * 4)
+
+
+def backward_dq_smem_bytes(head_dim, tile):
+    """flash_bwd_dq: Q and dO, and a 2-stage ring of K and V tiles."""
+    return (2 * tile.block_m + 4 * tile.dq_block_n) * (head_dim + 8) * 2
+
+
+def _halvings(n, smallest):
+    while n >= smallest:
+        yield n
+        n //= 2
+
+
+def _fit_grids(tile, bucket):
+    """`tile` with each warp grid moved to the nearest legal one (fewer warps along rows first)."""
+    fitted = {}
+    for field, (rows, cols, wm) in zip(("sdp_wm", "kv_wm", "dq_wm"), tile.grids(bucket)):
+        choices = sorted(range(1, tile.num_warps + 1), key=lambda w: (abs(w - wm), -w))
+        legal = [w for w in choices if _grid_ok(rows, cols, w, tile.num_warps)]
+        if not legal:
+            return None
+        fitted[field] = legal[0]
+    return replace(tile, **fitted)
+
+
+def fit_bwd_tile(tile, head_dim, smem_limit):
+    """The largest legal shrink of `tile` (Br first, then Bc; dq_block_n on its own) whose
+    kernels fit smem_limit bytes of shared memory."""
+    for block_n in _halvings(tile.block_n, 16):
+        for block_m in _halvings(tile.block_m, 16):
+            candidate = _fit_grids(replace(tile, block_m=block_m, block_n=block_n), head_dim)
+            if candidate is None or backward_smem_bytes(head_dim, candidate) > smem_limit:
+                continue
+            for dq_block_n in _halvings(tile.dq_block_n, 16):
+                candidate = replace(candidate, dq_block_n=dq_block_n)
+                if backward_dq_smem_bytes(head_dim, candidate) <= smem_limit:
+                    return candidate
+    raise ValueError(f"the backward at head dim {head_dim} needs more than this GPU's {smem_limit} bytes "
+                     "of shared memory per block")
+
+
+def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None):
+    """The backward variant for (dtype, caller's head_dim, causal, deterministic) on a GPU with
+    smem_limit bytes of shared memory per block. Where the head dim's own bucket cannot fit (d224
+    on sm_80), a larger bucket that fits runs it, zero-padded; `tile` overrides the table."""
+    bucket = head_dim_bucket(head_dim)
+    if tile is not None:
+        tile.check(bucket)
+        return BwdVariant(dtype, bucket, bool(causal), bool(deterministic), tile)
+    if smem_limit is None:
+        return BwdVariant(dtype, bucket, bool(causal), bool(deterministic), BWD_TILES[bucket])
+    for larger in HEAD_DIM_BUCKETS[HEAD_DIM_BUCKETS.index(bucket):]:
+        try:
+            tile = fit_bwd_tile(BWD_TILES[larger], larger, smem_limit)
+        except ValueError as error:
+            reason = error
+            continue
+        return BwdVariant(dtype, larger, bool(causal), bool(deterministic), tile)
+    raise reason
+
+
+def backward_variants():
+    """Every backward variant the dispatcher can pick on an sm_80+ GPU whose shared memory fits it."""
+    variants = set()
+    for limit in sorted(set(SMEM_OPTIN_BY_CC.values())):
+        for dtype in DTYPES:
+            for bucket in HEAD_DIM_BUCKETS:
+                for causal in (False, True):
+                    for deterministic in (False, True):
+                        try:
+                            variants.add(backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit))
+                        except ValueError:  # d > 192 backward does not fit 99 KB
+                            pass
+    return sorted(variants, key=repr)

@@ -45,19 +45,37 @@ def check_last_dim_contiguous(name, info):
         raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides {info.strides}")
 
 
+def check_like(name, info, q):
+    """`name` must match q's framework, shape, dtype and device, contiguous in its last dim."""
+    if info.framework != q.framework:
+        raise TypeError(f"{name} must come from q's framework {q.framework}; got {info.framework}")
+    if info.shape != q.shape:
+        raise ValueError(f"{name} must have q's shape {q.shape}; got {info.shape}")
+    if info.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}; got {info.dtype}")
+    if info.device != q.device:
+        raise ValueError(f"{name} must be on q's device cuda:{q.device}; got cuda:{info.device}")
+    check_last_dim_contiguous(name, info)
+
+
+def check_lse(lse, q):
+    """lse: the forward's float32 log-sum-exp, (batch, nheads, seqlen_q)."""
+    batch, seqlen_q, nheads, _ = q.shape
+    if lse.framework != q.framework:
+        raise TypeError(f"lse must come from q's framework {q.framework}; got {lse.framework}")
+    if lse.shape != (batch, nheads, seqlen_q):
+        raise ValueError(f"lse must have shape (batch, nheads, seqlen_q) = {(batch, nheads, seqlen_q)}; got {lse.shape}")
+    if lse.dtype != "float32":
+        raise TypeError(f"lse must be float32; got {lse.dtype}")
+    if lse.device != q.device:
+        raise ValueError(f"lse must be on q's device cuda:{q.device}; got cuda:{lse.device}")
+
+
 def check_out(out, q):
     """out: a preallocated O of q's shape, dtype and device, aligned for 16-byte stores."""
     if out.framework == "jax":
         raise TypeError("out must be a CuPy array or a torch tensor; JAX arrays are immutable")
-    if out.framework != q.framework:
-        raise TypeError(f"out must come from q's framework {q.framework}; got {out.framework}")
-    if out.shape != q.shape:
-        raise ValueError(f"out must have q's shape {q.shape}; got {out.shape}")
-    if out.dtype != q.dtype:
-        raise TypeError(f"out must have q's dtype {q.dtype}; got {out.dtype}")
-    if out.device != q.device:
-        raise ValueError(f"out must be on q's device cuda:{q.device}; got cuda:{out.device}")
-    check_last_dim_contiguous("out", out)
+    check_like("out", out, q)
     if not is_aligned(out):
         raise ValueError("out must start on a 16-byte boundary and have strides that are multiples of 8 elements")
 
@@ -91,3 +109,12 @@ def dropout_p(value):
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {value}")
     return float(value)
+
+
+def is_contiguous(info):
+    step = 1
+    for size, stride in zip(reversed(info.shape), reversed(info.strides)):
+        if size > 1 and stride != step:
+            return False
+        step *= size
+    return True

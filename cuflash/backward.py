@@ -1,0 +1,98 @@
+"""Backward launcher: picks the variant, allocates D, lse2 and the float32 dQ accumulator (all
+O(seqlen)), and launches preprocess -> dK/dV (+ dQ atomics) -> dQ conversion, or, when
+deterministic, preprocess -> dK/dV -> a separate dQ pass with no atomics."""
+import threading
+
+from . import compile as compile_
+from . import plan
+from .forward import INT32_MAX, LOG2E, smem_limit
+from .launch import launch
+
+ROWS_PER_BLOCK = 4  # preprocess and convert_dq: one warp per row, 4 warps per block
+
+
+def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None):
+    """dQ, dK, dV of attention on CuPy's current device and on `stream` (a raw CUDA stream).
+
+    Arguments are interop.ArrayInfo descriptions of validated, 16-byte aligned, non-empty arrays:
+    dout, q, out, dq (batch, seqlen_q, nheads, d); k, v, dk, dv (batch, seqlen_k, nheads_k, d);
+    lse contiguous float32 (batch, nheads, seqlen_q). `empty(shape, dtype)` allocates the
+    statistics buffers in the caller's framework and returns (array, info).
+    """
+    import cupy
+
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    device_id = cupy.cuda.get_device_id()
+    variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id))
+    kernels = _prepare(variant, device_id)
+    rows = batch * nheads * seqlen_q
+    n_blocks = -(-seqlen_k // variant.tile.block_n)
+    m_blocks = -(-seqlen_q // variant.tile.block_m)
+    if max(rows, batch * nheads * m_blocks, batch * nheads_k * n_blocks) > INT32_MAX:
+        raise ValueError(f"problem too large for one launch: {rows} query rows")
+    # lse2 and D rows are padded to 4 floats so that each (batch, head) row is 16-byte aligned.
+    # `keep` holds the buffers until the kernels are queued; the allocators reuse memory in
+    # stream order after that.
+    seqlen_q_pad = -(-seqlen_q // 4) * 4
+    keep = [empty((batch, nheads, seqlen_q_pad), "float32") for _ in range(2)]
+    lse2, dsum = (info.data_ptr for _, info in keep)
+    if not deterministic:
+        keep.append(empty((batch, nheads, seqlen_q, head_dim), "float32"))
+    dq_accum = 0 if deterministic else keep[-1][1].data_ptr
+
+    def strides(*arrays):
+        return [a.strides[axis] for a in arrays for axis in (0, 1, 2)]
+
+    scale_log2 = softmax_scale * LOG2E
+    row_blocks = -(-rows // ROWS_PER_BLOCK)
+    function, _ = kernels["flash_bwd_preprocess"]
+    launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "6Q6q5i",
+           out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, dq_accum, *strides(out, dout),
+           seqlen_q, seqlen_q_pad, nheads, head_dim, rows)
+    function, smem = kernels["flash_bwd_dkdv"]
+    launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f",
+           q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
+           *strides(q, k, v, dout, dk, dv), seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks,
+           scale_log2, softmax_scale)
+    if deterministic:
+        function, smem = kernels["flash_bwd_dq"]
+        launch(function, batch * nheads * m_blocks, variant.tile.dq_threads, smem, stream, "7Q15q7i2f",
+               q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dq.data_ptr, lse2, dsum, *strides(q, k, v, dout, dq),
+               seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, softmax_scale)
+    else:
+        function, _ = kernels["flash_bwd_convert_dq"]
+        launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "2Q3q4if",
+               dq_accum, dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, rows, softmax_scale)
+
+
+_prepared = {}
+_prepare_lock = threading.Lock()
+
+
+def _prepare(variant, device_id):
+    """{kernel name: (function, shared-memory bytes)} of a backward variant, compiled once."""
+    key = (device_id, variant)
+    prepared = _prepared.get(key)
+    if prepared is not None:
+        return prepared
+    import cupy
+
+    smem = {"flash_bwd_dkdv": plan.backward_smem_bytes(variant.head_dim, variant.tile),
+            "flash_bwd_dq": plan.backward_dq_smem_bytes(variant.head_dim, variant.tile)}
+    limit = smem_limit(device_id)
+    for name, size in smem.items():
+        if size > limit:
+            raise ValueError(f"backward tile {variant.tile} needs {size} bytes of shared memory in {name} "
+                             f"at head dim {variant.head_dim}; device {device_id} allows {limit}")
+    program = compile_.backward_program(variant)
+    prepared = {}
+    with _prepare_lock, cupy.cuda.Device(device_id):
+        for name in program[2]:
+            function = compile_.get_function(program, device_id, name)
+            size = smem.get(name, 0)
+            if size:
+                function.max_dynamic_shared_size_bytes = size
+            prepared[name] = (function, size)
+        _prepared[key] = prepared
+    return prepared
