@@ -191,16 +191,6 @@ def test_torch_current_stream_is_respected():
     assert_2x(cupy.from_dlpack(o), o_ref, o_low, "float16")
 
 
-def test_torch_requires_grad_is_refused_outside_no_grad():
-    torch = pytest.importorskip("torch")
-    q, k, v = torch_qkv(torch, torch.float16, "contiguous")
-    q.requires_grad_()
-    with pytest.raises(NotImplementedError, match="backward"):
-        cuflash.flash_attn_func(q, k, v)
-    with torch.no_grad():
-        assert cuflash.flash_attn_func(q, k, v).shape == q.shape
-
-
 def test_torch_cpu_tensor_is_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="q must be a CUDA"):

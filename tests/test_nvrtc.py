@@ -1,5 +1,5 @@
-"""CPU: every forward variant the plan can pick compiles with NVRTC, warning-free, for sm_80 and
-sm_90a; and the flattened source keeps each header once and points errors at the real file.
+"""CPU: every forward and backward variant the plan can pick compiles with NVRTC, warning-free,
+for sm_80 and sm_90a; and the flattened source keeps each header once and points errors at the real file.
 
 NVRTC is called directly (CuPy's raw bindings: no GPU, no driver). The source and options are the
 compile layer's own; only -arch and the CUDA headers' directory (the nvidia-cuda-runtime wheel's
@@ -35,14 +35,15 @@ CUDA_INCLUDE = _cuda_include_dir()
 
 def _variant_id(variant):
     tile = variant.tile
-    return (f"{variant.dtype}-d{variant.head_dim}-{'causal' if variant.causal else 'full'}"
+    mode = "-det" if getattr(variant, "deterministic", False) else ""
+    return (f"{variant.dtype}-d{variant.head_dim}-{'causal' if variant.causal else 'full'}{mode}"
             f"-{tile.block_m}x{tile.block_n}w{tile.num_warps}")
 
 
 def nvrtc_compile(program, arch):
     """(cubin, log) of a (source, options, name) program compiled for `arch`."""
     source, options, _ = program
-    prog = nvrtc.createProgram(source, "flash_fwd.cu", [], [])
+    prog = nvrtc.createProgram(source, "cuflash.cu", [], [])
     try:
         try:
             nvrtc.compileProgram(prog, [*options, f"-arch={arch}", f"-I{CUDA_INCLUDE}", "-ftz=true"])  # CuPy adds -ftz=true
@@ -58,11 +59,24 @@ def nvrtc_compile(program, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", plan.forward_variants(), ids=_variant_id)
 def test_variant_compiles(variant, arch):
-    program = compile_.forward_program(variant)
+    check_program(compile_.forward_program(variant), arch)
+
+
+@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers not found: pip install nvidia-cuda-runtime "
+                    "(for nvidia/cu13/include/cuda_fp16.h)")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", plan.backward_variants(), ids=_variant_id)
+def test_backward_variant_compiles(variant, arch):
+    check_program(compile_.backward_program(variant), arch)
+
+
+def check_program(program, arch):
     cubin, log = nvrtc_compile(program, arch)
     assert cubin[:4] == b"\x7fELF", "NVRTC returned no cubin"
-    # The launcher looks the kernel up by this unmangled (extern "C") name.
-    assert b"\0" + program[2].encode() + b"\0" in cubin, f"no symbol {program[2]!r} in the cubin"
+    # The launcher looks kernels up by these unmangled (extern "C") names.
+    names = (program[2],) if isinstance(program[2], str) else program[2]
+    for name in names:
+        assert b"\0" + name.encode() + b"\0" in cubin, f"no symbol {name!r} in the cubin"
     assert "warning" not in log.lower(), log
 
 
@@ -70,6 +84,8 @@ def test_every_variant_is_distinct():
     """Each variant maps to its own (source, options): none is silently compiled twice."""
     programs = {compile_.forward_program(variant) for variant in plan.forward_variants()}
     assert len(programs) == len(plan.forward_variants())
+    programs = {compile_.backward_program(variant) for variant in plan.backward_variants()}
+    assert len(programs) == len(plan.backward_variants())
 
 
 def _walk(flat):

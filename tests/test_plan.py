@@ -111,3 +111,47 @@ def test_tile_check_rejects_empty(tile):
 
 def test_tile_threads():
     assert FwdTile(128, 64, 8).threads == 256 and FwdTile(64, 64, 4).threads == 128
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bucket", plan.HEAD_DIM_BUCKETS)
+def test_backward_table_tiles_are_legal_and_fit_h100(bucket):
+    tile = plan.BWD_TILES[bucket]
+    tile.check(bucket)
+    assert plan.backward_smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
+    assert plan.backward_dq_smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
+
+
+@pytest.mark.parametrize("cc, smem_limit", sorted(plan.SMEM_OPTIN_BY_CC.items()))
+def test_backward_fits_every_gpu_that_can_hold_it(cc, smem_limit):
+    """Each GPU gets a legal backward tile within its shared memory for every bucket that fits at
+    all (d > 128 does not fit sm_86/89's 99 KB with 8 warps), and CI compiles it."""
+    compiled = set(plan.backward_variants())
+    for bucket in plan.HEAD_DIM_BUCKETS:
+        for deterministic in (False, True):
+            try:
+                variant = plan.backward_variant("bfloat16", bucket, True, deterministic, smem_limit=smem_limit)
+            except ValueError as error:
+                assert smem_limit < 160 * 1024 and bucket > 128, error
+                continue
+            assert variant.head_dim >= bucket  # a larger bucket runs it where its own does not fit
+            variant.tile.check(variant.head_dim)
+            assert plan.backward_smem_bytes(variant.head_dim, variant.tile) <= smem_limit
+            assert plan.backward_dq_smem_bytes(variant.head_dim, variant.tile) <= smem_limit
+            assert variant in compiled
+
+
+def test_backward_smem_bytes():
+    tile = plan.BwdTile(64, 128, 8, 64, 4, 4, 2)
+    # K, V (128 rows) + Q, dO double-buffered (4 x 64 rows), rows of 136 halves; P^T and dS^T
+    # (128 x 72 halves each); lse2 and D double-buffered (4 x 64 floats).
+    assert plan.backward_smem_bytes(128, tile) == (2 * 128 + 4 * 64) * 272 + 2 * 128 * 72 * 2 + 4 * 64 * 4
+    assert plan.backward_dq_smem_bytes(128, tile) == (2 * 64 + 4 * 64) * 272
+
+
+@pytest.mark.parametrize("tile", [plan.BwdTile(64, 128, 8, 64, 3, 4, 2), plan.BwdTile(64, 128, 8, 64, 4, 4, 8),
+                                  plan.BwdTile(24, 128, 8, 64, 4, 4, 2), plan.BwdTile(64, 128, 8, 0, 4, 4, 2)], ids=str)
+def test_backward_tile_check_rejects_bad_tiles(tile):
+    with pytest.raises(ValueError):
+        tile.check(128)

@@ -1,0 +1,103 @@
+"""GPU: the backward (dq, dk, dv) against float64 gradients with the 2x rule, every variant the
+dispatcher can pick, fuzzed shapes, GQA, strided views, deterministic mode."""
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from accuracy import assert_2x
+from test_forward_gpu import AWKWARD, LAYOUTS, poisoned, qkv, randn
+
+cupy = pytest.importorskip("cupy")
+import cuflash  # noqa: E402
+from cuflash import plan  # noqa: E402
+from cuflash.reference import attention_reference_backward  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def check_backward(q, k, v, causal, softmax_scale=None, deterministic=False, tile=None, layout="contiguous", seed=0):
+    dtype = q.dtype.name
+    out, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    dout = randn(q.shape, dtype, layout, seed + 7)
+    dq, dk, dv = cuflash.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+                                  deterministic=deterministic, tile=tile)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dq.dtype == q.dtype
+    ref = attention_reference_backward(dout, q, k, v, softmax_scale, causal)
+    low = attention_reference_backward(dout, q, k, v, softmax_scale, causal, upcast=False)
+    for name, got, r, lo in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, low):
+        assert_2x(got, r, lo, dtype, name)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("variant", plan.backward_variants(), ids=repr)
+def test_every_backward_variant(variant):
+    """Every variant any sm_80+ GPU can be given, at sizes that are not tile multiples."""
+    for seqlens in ((113, 203), (203, 113)):
+        check_backward(*qkv(1, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal,
+                       deterministic=variant.deterministic, tile=variant.tile)
+
+
+@st.composite
+def problems(draw):
+    seqlen = st.one_of(st.sampled_from(AWKWARD), st.integers(1, 1500))
+    nheads_k = draw(st.integers(1, 2))
+    p = dict(batch=draw(st.integers(1, 2)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen), nheads_k=nheads_k,
+             nheads=nheads_k * draw(st.sampled_from([1, 2, 3, 4, 8])),
+             head_dim=draw(st.sampled_from(range(8, 257, 8))), dtype=draw(st.sampled_from(plan.DTYPES)),
+             layout=draw(st.sampled_from(LAYOUTS)), causal=draw(st.booleans()), deterministic=draw(st.booleans()),
+             softmax_scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))), seed=draw(st.integers(0, 2**20)))
+    p["batch"] = max(1, min(p["batch"], int(3e7 // (p["nheads"] * p["seqlen_q"] * p["seqlen_k"]))))
+    return p
+
+
+def rows_that_see_a_key(p):
+    rows = p["seqlen_q"] if not p["causal"] else max(0, min(p["seqlen_q"], p["seqlen_k"]))
+    return p["batch"] * p["nheads"] * rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems())
+def test_backward_fuzz(p):
+    # With a handful of rows, both sides of the 2x rule are single random rounding errors
+    # (tests/test_reference_backward.py measures the tail); 16 rows make the rule meaningful.
+    assume(rows_that_see_a_key(p) >= 16)
+    q, k, v = qkv(p["batch"], p["seqlen_q"], p["seqlen_k"], p["nheads"], p["nheads_k"], p["head_dim"],
+                  p["dtype"], p["layout"], p["seed"])
+    check_backward(q, k, v, p["causal"], p["softmax_scale"], p["deterministic"], layout=p["layout"], seed=p["seed"])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 239, 1), (1, 1, 239), (1, 3000, 2999), (2, 77, 1500)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_edge_shapes(shape, causal):
+    batch, seqlen_q, seqlen_k = shape
+    check_backward(*qkv(batch, seqlen_q, seqlen_k, 16, 2, 128, "bfloat16", seed=seqlen_q), causal)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_deterministic_is_bitwise_reproducible(head_dim):
+    q, k, v = qkv(2, 1000, 1000, 8, 2, head_dim, "float16", seed=head_dim)
+    out, lse = cuflash.forward(q, k, v, causal=True)
+    dout = randn(q.shape, "float16", seed=5)
+    runs = [cuflash.backward(dout, q, k, v, out, lse, causal=True, deterministic=True) for _ in range(3)]
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert bool((a.view(cupy.uint16) == b.view(cupy.uint16)).all())
+
+
+def test_backward_of_empty_problems():
+    for sq, sk in ((0, 5), (5, 0)):
+        q, k, v = (cupy.ones(s, cupy.float16) for s in [(1, sq, 2, 64), (1, sk, 2, 64), (1, sk, 2, 64)])
+        out = cupy.zeros_like(q)
+        lse = cupy.full((1, 2, sq), -np.inf, cupy.float32)
+        dq, dk, dv = cuflash.backward(out, q, k, v, out, lse)
+        assert dq.shape == q.shape and dk.shape == k.shape
+        assert not (dq != 0).any() and not (dk != 0).any() and not (dv != 0).any()
+
+
+def test_backward_bad_lse_is_refused():
+    q, k, v = qkv(1, 16, 16, 2, 2, 64, "float16")
+    out, lse = cuflash.forward(q, k, v)
+    with pytest.raises(ValueError, match="lse"):
+        cuflash.backward(out, q, k, v, out, lse[:, :1])
+    with pytest.raises(TypeError, match="lse"):
+        cuflash.backward(out, q, k, v, out, lse.astype(cupy.float64))
