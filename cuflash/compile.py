@@ -31,21 +31,21 @@ def flatten_source(name, _seen=None):
     return "\n".join(out)
 
 
+def _program(file, variant, names, **defines):
+    """(source, options, names) of `file` specialised for `variant` by compile-time constants;
+    the caller adds -arch."""
+    tile = variant.tile
+    defines = {"HEAD_DIM": variant.head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
+               "NWARPS": tile.num_warps, "IS_CAUSAL": int(variant.causal),
+               "IS_BF16": int(variant.dtype == "bfloat16"), **defines}
+    options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
+    return flatten_source(file), options, names
+
+
 @functools.lru_cache(maxsize=None)
 def forward_program(variant):
-    """(source, options, kernel name) of a forward variant; the caller adds -arch."""
-    tile = variant.tile
-    defines = {
-        "HEAD_DIM": variant.head_dim,
-        "BLOCK_M": tile.block_m,
-        "BLOCK_N": tile.block_n,
-        "NWARPS": tile.num_warps,
-        "STAGES": tile.stages,
-        "IS_CAUSAL": int(variant.causal),
-        "IS_BF16": int(variant.dtype == "bfloat16"),
-    }
-    options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
-    return flatten_source("flash_fwd.cu"), options, "flash_fwd"
+    """(source, options, kernel name) of a forward variant."""
+    return _program("flash_fwd.cu", variant, "flash_fwd", STAGES=variant.tile.stages)
 
 
 _cache = {}
@@ -78,21 +78,8 @@ def get_function(program, device_id, name=None):
 
 @functools.lru_cache(maxsize=None)
 def backward_program(variant):
-    """(source, options, kernel names) of a backward variant; the caller adds -arch."""
+    """(source, options, kernel names) of a backward variant."""
     tile = variant.tile
-    defines = {
-        "HEAD_DIM": variant.head_dim,
-        "BLOCK_M": tile.block_m,
-        "BLOCK_N": tile.block_n,
-        "NWARPS": tile.num_warps,
-        "DQ_BLOCK_N": tile.dq_block_n,
-        "SDP_WM": tile.sdp_wm,
-        "KV_WM": tile.kv_wm,
-        "DQ_WM": tile.dq_wm,
-        "DQ_ATOMIC": int(not variant.deterministic),
-        "IS_CAUSAL": int(variant.causal),
-        "IS_BF16": int(variant.dtype == "bfloat16"),
-    }
-    options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
     names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
-    return flatten_source("flash_bwd.cu"), options, names
+    return _program("flash_bwd.cu", variant, names, DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm,
+                    KV_WM=tile.kv_wm, DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic))

@@ -18,12 +18,7 @@ def check_qkv(q, k, v):
         if info.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float16 or bfloat16; got {info.dtype}")
     for name, info in (("k", k), ("v", v)):
-        if info.framework != q.framework:
-            raise TypeError(f"q, k and v must come from one framework; q is {q.framework}, {name} is {info.framework}")
-        if info.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}; got {info.dtype}")
-        if info.device != q.device:
-            raise ValueError(f"{name} must be on q's device cuda:{q.device}; got cuda:{info.device}")
+        check_same_place(name, info, q)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {k.shape} and v {v.shape}")
     batch, _, nheads, head_dim = q.shape
@@ -45,16 +40,21 @@ def check_last_dim_contiguous(name, info):
         raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides {info.strides}")
 
 
-def check_like(name, info, q):
-    """`name` must match q's framework, shape, dtype and device, contiguous in its last dim."""
+def check_same_place(name, info, q):
+    """`name` must share q's framework, dtype and device."""
     if info.framework != q.framework:
         raise TypeError(f"{name} must come from q's framework {q.framework}; got {info.framework}")
-    if info.shape != q.shape:
-        raise ValueError(f"{name} must have q's shape {q.shape}; got {info.shape}")
     if info.dtype != q.dtype:
         raise TypeError(f"{name} must have q's dtype {q.dtype}; got {info.dtype}")
     if info.device != q.device:
         raise ValueError(f"{name} must be on q's device cuda:{q.device}; got cuda:{info.device}")
+
+
+def check_like(name, info, q):
+    """`name` must match q's framework, shape, dtype and device, contiguous in its last dim."""
+    check_same_place(name, info, q)
+    if info.shape != q.shape:
+        raise ValueError(f"{name} must have q's shape {q.shape}; got {info.shape}")
     check_last_dim_contiguous(name, info)
 
 
