@@ -102,16 +102,18 @@ def _walk(flat):
         lineno += 1
 
 
-def test_flatten_maps_every_line_to_its_real_file():
-    """Every line of the flattened kernel sits under a #line marker naming the real file and line."""
-    flat = compile_.flatten_source("flash_fwd.cu")
-    assert flat.startswith('#line 1 "cuda_src/flash_fwd.cu"\n')
+@pytest.mark.parametrize("kernel", ["flash_fwd.cu", "flash_bwd.cu"])
+def test_flatten_maps_every_line_to_its_real_file(kernel):
+    """Every line of a flattened kernel sits under a #line marker naming the real file and line;
+    the kernel pulls in every header."""
+    flat = compile_.flatten_source(kernel)
+    assert flat.startswith(f'#line 1 "cuda_src/{kernel}"\n')
     files = {}
     for name, lineno, text in _walk(flat):
         if name not in files:
             files[name] = (compile_.SRC_DIR / name).read_text().splitlines()
         assert text == files[name][lineno - 1], f"line {lineno} of cuda_src/{name} is misplaced"
-    assert set(files) == {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix in (".cu", ".cuh")}
+    assert set(files) == {kernel} | {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix == ".cuh"}
     assert not re.search(r'^\s*#include\s+"', flat, re.M), "a local #include was left in"
     assert "#include <cuda_fp16.h>" in flat, "system includes must be left for NVRTC"
 
