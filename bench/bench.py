@@ -496,20 +496,25 @@ def ratio(row, a="cuflash", b="sdpa-flash"):
     return ra["tflops"] / rb["tflops"] if "tflops" in ra and "tflops" in rb else None
 
 
-def print_forward_table(rows):
+def print_timing_table(rows, title, backends, diff_label, notes=()):
+    """One table of a (dtype, d, causal) group: TFLOP/s per backend, cuflash/flash, the check."""
     first = rows[0]
-    title = (f"Forward TFLOP/s, {first['dtype']}, d={first['head_dim']}, causal={first['causal']} "
+    title = (f"{title}, {first['dtype']}, d={first['head_dim']}, causal={first['causal']} "
              f"(batch*seqlen={TOKENS}, hidden={HIDDEN})")
-    headers = ["seqlen", "batch", "nheads", *BACKENDS, "cuflash/flash", "max|dO|"]
+    headers = ["seqlen", "batch", "nheads", *backends, "cuflash/flash", diff_label]
     table = []
     for row in rows:
         r = ratio(row)
         table.append([row["seqlen"], row["batch"], row["nheads"],
-                      *(cell(row["results"][name]) for name in BACKENDS),
+                      *(cell(row["results"][name]) for name in backends),
                       "n/a" if r is None else f"{r:.2f}",
                       "n/a" if row["max_diff"] is None else f"{row['max_diff']:.1e}"])
-    notes = error_notes((name, row["results"][name]) for row in rows for name in BACKENDS)
-    print_table(title, headers, table, notes)
+    errors = error_notes((name, row["results"][name]) for row in rows for name in backends)
+    print_table(title, headers, table, errors + list(notes))
+
+
+def print_forward_table(rows):
+    print_timing_table(rows, "Forward TFLOP/s", BACKENDS, "max|dO|")
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,21 +538,9 @@ def backward_row(dtype, head_dim, causal, seqlen, flush, budget_ms):
 
 
 def print_backward_table(rows):
-    first = rows[0]
-    title = (f"Backward TFLOP/s (FLOPs = 2.5x forward), {first['dtype']}, d={first['head_dim']}, "
-             f"causal={first['causal']} (batch*seqlen={TOKENS}, hidden={HIDDEN})")
-    headers = ["seqlen", "batch", "nheads", *BWD_BACKENDS, "cuflash/flash", "max|dgrad|"]
-    table = []
-    for row in rows:
-        r = ratio(row)
-        table.append([row["seqlen"], row["batch"], row["nheads"],
-                      *(cell(row["results"][name]) for name in BWD_BACKENDS),
-                      "n/a" if r is None else f"{r:.2f}",
-                      "n/a" if row["max_diff"] is None else f"{row['max_diff']:.1e}"])
-    notes = error_notes((name, row["results"][name]) for row in rows for name in BWD_BACKENDS)
-    notes.append("cuflash: deterministic=False (dQ by float32 atomics); cuflash-det: deterministic=True. "
-                 "max|dgrad|: max over dQ, dK, dV of |cuflash - SDPA| (flash, else cuDNN).")
-    print_table(title, headers, table, notes)
+    print_timing_table(rows, "Backward TFLOP/s (FLOPs = 2.5x forward)", BWD_BACKENDS, "max|dgrad|", [
+        "cuflash: deterministic=False (dQ by float32 atomics); cuflash-det: deterministic=True. "
+        "max|dgrad|: max over dQ, dK, dV of |cuflash - SDPA| (flash, else cuDNN)."])
 
 
 # --------------------------------------------------------------------------------------------

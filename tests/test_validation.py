@@ -14,18 +14,10 @@ import cuflash
 from cuflash import interop, validate
 
 
-def c_strides(shape):
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 def info(shape, dtype="float16", strides=None, device=0, framework="cupy", data_ptr=1 << 20):
     """A CuPy-like description; the default is contiguous and 16-byte aligned."""
     shape = tuple(shape)
-    return interop.ArrayInfo(framework, shape, c_strides(shape) if strides is None else tuple(strides),
+    return interop.ArrayInfo(framework, shape, interop._c_strides(shape) if strides is None else tuple(strides),
                              dtype, device, data_ptr)
 
 
