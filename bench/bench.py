@@ -758,6 +758,15 @@ def print_memory_table(rows):
 # Plot, JSON, summary
 
 
+def _style(ax, title, xlabel, ylabel):
+    ax.set_xscale("log", base=2)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _plot_timings(ax, rows, backends, title):
     for dtype, linestyle in (("bf16", "-"), ("fp16", "--")):
         mine = [r for r in rows if r["dtype"] == dtype]
@@ -765,12 +774,7 @@ def _plot_timings(ax, rows, backends, title):
             points = [(r["seqlen"], r["results"][name]["tflops"]) for r in mine if "tflops" in r["results"][name]]
             if points:
                 ax.plot(*zip(*points), linestyle, marker="o", color=PLOT_STYLE[name], label=f"{name} {dtype}")
-    ax.set_xscale("log", base=2)
-    ax.set_title(title)
-    ax.set_xlabel("seqlen (batch*seqlen = 16k, hidden 2048)")
-    ax.set_ylabel("TFLOP/s")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _style(ax, title, "seqlen (batch*seqlen = 16k, hidden 2048)", "TFLOP/s")
 
 
 def _plot_memory(ax, rows, series, title):
@@ -781,13 +785,8 @@ def _plot_memory(ax, rows, series, title):
             ax.plot(*zip(*points), "-", marker="o", color=color, label=f"{label} measured")
         ax.plot([r["seqlen"] for r in rows if expected in r], [r[expected] / 2**20 for r in rows if expected in r],
                 ":", color=color, label=f"{label} expected")
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_title(title)
-    ax.set_xlabel("seqlen")
-    ax.set_ylabel("MiB")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _style(ax, title, "seqlen", "MiB")
 
 
 def make_plot(forward_rows, backward_rows, memory_rows, path):

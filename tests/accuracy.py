@@ -31,6 +31,20 @@ def assert_2x(out, ref64, ref_lowp, dtype, what="o"):
     return err, err_lowp
 
 
+def assert_matches_finite_differences(grads, inputs, dout, forward, seed, eps=1e-6):
+    """<grad, u> = d/de <dO, forward(x + e u)> by central differences, for each input x in turn
+    (float64; `forward(*inputs)` returns O)."""
+    rng = np.random.default_rng(seed)
+    for which, grad in enumerate(grads):
+        u = rng.standard_normal(grad.shape)
+        plus, minus = list(inputs), list(inputs)
+        plus[which] = plus[which] + eps * u
+        minus[which] = minus[which] - eps * u
+        numeric = float((dout * (forward(*plus) - forward(*minus))).sum() / (2 * eps))
+        analytic = float((grad * u).sum())
+        assert abs(numeric - analytic) <= 1e-6 * (1 + abs(analytic)), f"gradient {which}"
+
+
 def _xp(a):
     try:
         import cupy

@@ -31,6 +31,8 @@ def _cuda_include_dir():
 
 
 CUDA_INCLUDE = _cuda_include_dir()
+needs_cuda_headers = pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers not found: pip install "
+                                        "nvidia-cuda-runtime (for nvidia/cu13/include/cuda_fp16.h)")
 
 
 def _variant_id(variant):
@@ -54,16 +56,14 @@ def nvrtc_compile(program, arch):
         nvrtc.destroyProgram(prog)
 
 
-@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers not found: pip install nvidia-cuda-runtime "
-                    "(for nvidia/cu13/include/cuda_fp16.h)")
+@needs_cuda_headers
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", plan.forward_variants(), ids=_variant_id)
 def test_variant_compiles(variant, arch):
     check_program(compile_.forward_program(variant), arch)
 
 
-@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers not found: pip install nvidia-cuda-runtime "
-                    "(for nvidia/cu13/include/cuda_fp16.h)")
+@needs_cuda_headers
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", plan.backward_variants(), ids=_variant_id)
 def test_backward_variant_compiles(variant, arch):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from accuracy import assert_2x, max_abs_err
+from accuracy import assert_2x, assert_matches_finite_differences, max_abs_err
 from cuflash import reference
 from cuflash.reference import attention_reference, attention_reference_backward, flash_backward_model, from_float32
 
@@ -39,18 +39,7 @@ def test_reference_backward_matches_finite_differences(p):
     q, k, v, dout = make_inputs(p, "float64")
     args = (p["softmax_scale"], p["causal"])
     grads = attention_reference_backward(dout, q, k, v, *args)
-    rng = np.random.default_rng(p["seed"] + 1)
-    eps = 1e-6
-    for which, grad in enumerate(grads):
-        u = rng.standard_normal(grad.shape)
-        plus, minus = [q, k, v], [q, k, v]
-        plus[which] = plus[which] + eps * u
-        minus[which] = minus[which] - eps * u
-        o_plus, _ = attention_reference(*plus, *args)
-        o_minus, _ = attention_reference(*minus, *args)
-        numeric = float((dout * (o_plus - o_minus)).sum() / (2 * eps))
-        analytic = float((grad * u).sum())
-        assert abs(numeric - analytic) <= 1e-6 * (1 + abs(analytic)), ("dq", "dk", "dv")[which]
+    assert_matches_finite_differences(grads, (q, k, v), dout, lambda *x: attention_reference(*x, *args)[0], p["seed"] + 1)
 
 
 @settings(max_examples=40, deadline=None)
