@@ -13,7 +13,15 @@
 // flash_bwd_convert_dq  dQ = scale * accumulator, in the input type and the caller's strides.
 // flash_bwd_dq          the deterministic dQ (DQ_ATOMIC = 0): one CTA per (Q tile, batch, head)
 //                       walks the K/V tiles like the forward and sums dS_ij K_j in registers.
+//
+// IS_DROPOUT: every (Q tile, K/V tile) pair regenerates the forward's keep bits Z. With the
+// 1 / (1 - p) of the kept values factored out of the loops (cuflash/reference.py derives it):
+//     dV = 1/(1-p) (P * Z)^T dO      dS' = P * (dP * Z - D'),  D' = (1 - p) D
+// so the kernels accumulate (P * Z)^T dO and dS', and the launcher folds 1 / (1 - p) into the
+// scales of dV (rp_dropout) and of dK and dQ (scale = softmax_scale / (1 - p)); the preprocess
+// writes D' (d_scale = 1 - p).
 #include "warp_gemm.cuh"
+#include "philox.cuh"
 
 // Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
 // DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile).
@@ -43,7 +51,7 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
                      float* __restrict__ lse2, float* __restrict__ dsum, float* __restrict__ dq_accum,
                      int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
                      int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
-                     int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total) {
+                     int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total, float d_scale) {
     // One warp per query row; lane l holds columns 8l .. 8l + 7.
     const int row_id = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row_id >= rows_total) return;
@@ -69,7 +77,7 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
     if (lane == 0) {
         const int64 i = static_cast<int64>(bh) * seqlen_q_pad + r;
         const float l = lse[static_cast<int64>(row_id)];
-        dsum[i] = acc;
+        dsum[i] = acc * d_scale;
         lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
     }
 }
@@ -94,7 +102,8 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
                int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
                int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
                int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-               int num_n_blocks, float scale_log2, float scale) {
+               int num_n_blocks, float scale_log2, float scale,
+               unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sK = reinterpret_cast<elem_t*>(smem);  // (Bc, d), later the staging tile of dK
     elem_t* sV = sK + kBlockN * kPitch;             // (Bc, d), later the staging tile of dV
@@ -161,20 +170,26 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             float acc_dp[GridSdP::kMT][GridSdP::kNT][4];
             zero(acc_dp);
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
-            // P^T = exp2(S^T * scale_log2 - lse2), 0 where invisible; dS^T = P^T * (dP^T - D)
+            // P^T = exp2(S^T * scale_log2 - lse2), 0 where invisible; dS^T = P^T * (dP^T - D);
+            // with dropout, dV reads P^T * Z^T and dS^T = P^T * (dP^T * Z^T - D')
             const bool need_mask = tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag);
+            const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 #pragma unroll
             for (int mt = 0; mt < GridSdP::kMT; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < GridSdP::kNT; ++nt)
+                for (int nt = 0; nt < GridSdP::kNT; ++nt) {
+                    const unsigned keep = IS_DROPOUT ? dropout::keep_bits_kq(rng, batch * num_heads + head, n0 + r0 + mt * 16,
+                                                                             m0 + c0 + nt * 8) : 0xfu;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int key = r0 + acc_row(mt, e), row = c0 + acc_col(nt, e);
                         float p = ptx::exp2_approx(fmaf(acc_s[mt][nt][e], scale_log2, -sLse2i[row]));
                         if (need_mask && !visible(m0 + row, n0 + key, seqlen_k, diag)) p = 0.f;
-                        acc_s[mt][nt][e] = p;
-                        acc_dp[mt][nt][e] = p * (acc_dp[mt][nt][e] - sDi[row]);
+                        const bool kept = keep >> e & 1;
+                        acc_s[mt][nt][e] = kept ? p : 0.f;
+                        acc_dp[mt][nt][e] = p * ((kept ? acc_dp[mt][nt][e] : 0.f) - sDi[row]);
                     }
+                }
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
             store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
         }
@@ -213,7 +228,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     {
         const int r0 = GridKV::row0(), c0 = GridKV::col0();
         store_acc(sK + r0 * kPitch + c0, kPitch, acc_dk, scale);
-        store_acc(sV + r0 * kPitch + c0, kPitch, acc_dv, 1.f);
+        store_acc(sV + r0 * kPitch + c0, kPitch, acc_dv, rp_dropout);
     }
     __syncthreads();
     store_tile<kBlockN, kThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
@@ -257,7 +272,8 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
              int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
              int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
              int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-             int num_m_blocks, float scale_log2, float scale) {
+             int num_m_blocks, float scale_log2, float scale,
+             unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem);  // (Br, d), later the staging tile of dQ
     elem_t* sdO = sQ + kBlockM * kPitch;            // (Br, d)
@@ -313,16 +329,20 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
         warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
         warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_dp, sdO + warp_row0 * kPitch, kPitch, sVj, kPitch);
         // dS = P * (dP - D) with P = exp2(S * scale_log2 - lse2), 0 where invisible
+        // (dS' = P * (dP * Z - D') with dropout)
         const bool need_mask = tile_needs_mask(m0, n0, kDqBlockN, seqlen_k, diag);
+        const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 #pragma unroll
-        for (int nt = 0; nt < kDqNT; ++nt)
+        for (int nt = 0; nt < kDqNT; ++nt) {
+            const unsigned keep = IS_DROPOUT ? dropout::keep_bits_qk(rng, bh, m0 + warp_row0, n0 + nt * 8) : 0xfu;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = m0 + warp_row0 + acc_row(0, e), key = n0 + acc_col(nt, e);
                 float p = ptx::exp2_approx(fmaf(acc_s[0][nt][e], scale_log2, -row_lse2[e / 2]));
                 if (need_mask && !visible(row, key, seqlen_k, diag)) p = 0.f;
-                acc_dp[0][nt][e] = p * (acc_dp[0][nt][e] - row_d[e / 2]);
+                acc_dp[0][nt][e] = p * ((keep >> e & 1 ? acc_dp[0][nt][e] : 0.f) - row_d[e / 2]);
             }
+        }
         // dQ_i += dS K_j
         unsigned ds[1][kDqBlockN / 16][4];
         acc_to_a_frags(ds, acc_dp);

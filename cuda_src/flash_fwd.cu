@@ -6,9 +6,12 @@
 // tiles that need a mask (the seqlen_k edge, the causal diagonal) come first and the rest run
 // without one. K/V tiles stream through a ring of kStages shared buffers: a tile is requested
 // kStages - 1 iterations before it is used, so its load hides behind whole iterations of math.
+// With IS_DROPOUT, the P that feeds P V has its dropped entries zeroed (m and l, hence lse, stay
+// those of the undropped P) and O is scaled by 1 / (1 - p) once, in the epilogue.
 #include "warp_gemm.cuh"
+#include "philox.cuh"
 
-// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL.
+// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL, IS_DROPOUT.
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kStages = STAGES;  // K/V tiles in flight: tile j+1.. loads while tile j computes
@@ -30,7 +33,8 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
           int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
           int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
           int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-          int num_m_blocks, float scale_log2) {
+          int num_m_blocks, float scale_log2,
+          unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem);      // (Br, d), later the staging tile of O
     elem_t* sK = sQ + kBlockM * kPitch;                 // kStages x (Bc, d)
@@ -143,13 +147,26 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
             }
         }
 
+        if (IS_DROPOUT) {
+            const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) {
+                    const unsigned keep = dropout::keep_bits_qk(rng, bh, m0 + warp_row0 + mt * 16, n0 + nt * 8);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (!(keep >> e & 1)) acc_s[mt][nt][e] = 0.f;
+                }
+        }
+
         // O += P V_j   (Br, d); P rounded to the input type, straight from the S registers.
         unsigned p[kMT][kBlockN / 16][4];
         acc_to_a_frags(p, acc_s);
         warp_gemm_rs<kMT, kDT, kBlockN, true>(acc_o, p, sVj, kPitch);
     }
 
-    // O = acc_o / l; lse = ln(l) + m * ln(2). A row that saw no key gets O = 0 and lse = -inf.
+    // O = acc_o / l (/ (1 - p)); lse = ln(l) + m * ln(2). A row that saw no key gets O = 0 and lse = -inf.
     // Each warp stages only its own rows of sQ, which only it has read; the trailing cp.async
     // groups are empty.
     float* gLse = lse + static_cast<int64>(bh) * seqlen_q;
@@ -160,7 +177,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
             float l = l_i[mt][hh];
             l += __shfl_xor_sync(0xffffffff, l, 1);
             l += __shfl_xor_sync(0xffffffff, l, 2);
-            const float inv_l = l > 0.f ? 1.f / l : 0.f;
+            const float inv_l = l > 0.f ? (IS_DROPOUT ? rp_dropout : 1.f) / l : 0.f;
 #pragma unroll
             for (int dt = 0; dt < kDT; ++dt) {
                 acc_o[mt][dt][2 * hh] *= inv_l;

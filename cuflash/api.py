@@ -1,12 +1,12 @@
 """Public entry points: validate, bring arrays in (zero-copy), launch, hand results back."""
 import time
 
-from . import autograd, interop, plan, validate
+from . import autograd, dropout, interop, plan, validate
 from .backward import launch_backward
 from .forward import launch_forward
 
 
-def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
+def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, dropout_p=0.0, seed=None, offset=0):
     """Exact attention O = softmax(Q K^T * scale [+ causal mask]) V and its log-sum-exp.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
@@ -18,16 +18,22 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
     in natural log; a query row that sees no key gets o = 0 and lse = -inf. `out` receives O if
     given. `tile` (a plan.FwdTile) overrides the tile table, for tuning. No autograd is recorded:
     flash_attn_func is the differentiable entry.
+
+    dropout_p in [0, 1) drops entries of P with the keep mask of (seed, offset) (an int seed is
+    then required; dropout_mask materialises the same mask) and scales the kept ones by
+    1 / (1 - dropout_p); lse stays that of the undropped P. backward needs the same three values.
     """
     q_info, k_info, v_info = (interop.describe(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     validate.check_qkv(q_info, k_info, v_info)
     causal = validate.flag("causal", causal)
+    dropout_p = validate.dropout_p(dropout_p)
+    seed, offset = validate.seed(seed, dropout_p), validate.offset(offset)
     batch, seqlen_q, nheads, head_dim = q_info.shape
     scale = validate.softmax_scale(softmax_scale, head_dim)
     if out is not None:
         out_info = interop.describe(out, "out")
         validate.check_out(out_info, q_info)
-    variant = plan.forward_variant(q_info.dtype, head_dim, causal, tile)
+    variant = plan.forward_variant(q_info.dtype, head_dim, causal, tile, dropout=dropout_p > 0)
 
     with interop.caller_stream(q_info) as stream:
         empty = interop.allocator(q_info)
@@ -43,18 +49,21 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None):
             # cp.async moves 16-byte rows: the rare view whose rows are not 16-byte aligned is copied.
             operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
                         for x, info in operands]
-            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, stream, variant.tile)
+            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, stream, variant.tile,
+                           dropout_p, seed, offset)
     return interop.export(native_o, q_info.framework), interop.export(native_lse, q_info.framework)
 
 
-def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, deterministic=False, tile=None):
+def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, deterministic=False, tile=None, *,
+             dropout_p=0.0, seed=None, offset=0):
     """Gradients (dq, dk, dv) of attention, from the forward's inputs, output and lse.
 
     dout and out are shaped like q; lse is the forward's float32 (batch, nheads, seqlen_q).
     dk and dv are summed over each group of query heads that shares a kv head (MQA/GQA).
     deterministic=True uses no floating-point atomics, so repeated calls give bitwise-equal
     gradients (dQ then takes a second pass over K and V). `tile` (a plan.BwdTile) overrides the
-    tile table. Results come back in the caller's framework.
+    tile table. dropout_p, seed and offset must be the forward's: the kernels regenerate its
+    keep mask. Results come back in the caller's framework.
     """
     names = ("dout", "q", "k", "v", "out", "lse")
     arrays = (dout, q, k, v, out, lse)
@@ -65,9 +74,11 @@ def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, determin
     validate.check_lse(lse_info, q_info)
     causal = validate.flag("causal", causal)
     deterministic = validate.flag("deterministic", deterministic)
+    dropout_p = validate.dropout_p(dropout_p)
+    seed, offset = validate.seed(seed, dropout_p), validate.offset(offset)
     batch, seqlen_q, nheads, head_dim = q_info.shape
     scale = validate.softmax_scale(softmax_scale, head_dim)
-    plan.backward_variant(q_info.dtype, head_dim, causal, deterministic, tile)
+    plan.backward_variant(q_info.dtype, head_dim, causal, deterministic, tile, dropout=dropout_p > 0)
 
     with interop.caller_stream(q_info) as stream:
         empty = interop.allocator(q_info)
@@ -85,24 +96,49 @@ def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, determin
                 lse_array, lse_info = interop.contiguous_copy(lse_array, lse_info)
             dout_i, q_i, k_i, v_i, out_i = (info for _, info in operands)
             launch_backward(dout_i, q_i, k_i, v_i, out_i, lse_info, dq, dk, dv, scale, causal, deterministic, empty,
-                            stream, tile)
+                            stream, tile, dropout_p, seed, offset)
     return tuple(interop.export(native, q_info.framework) for native in (native_dq, native_dk, native_dv))
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False,
-                    deterministic=False):
+                    deterministic=False, seed=None):
     """flash-attn 2 compatible entry: returns O, or (O, lse) with return_lse=True.
 
     Differentiable with respect to q, k and v for torch tensors (torch.autograd, torch.compile)
     and JAX arrays (jax.grad, jax.jit); lse is not differentiable (a gradient reaching it raises).
     deterministic=True makes the backward bitwise reproducible. CuPy arrays get the forward only.
+
+    Dropout (dropout_p > 0) draws its mask from `seed`, or without one: for torch tensors from
+    torch's CUDA generator (so torch.manual_seed reproduces a run and each call draws a new
+    mask), for CuPy arrays from a fresh random seed. JAX callers pass the seed: an int, or an
+    integer JAX array of shape () or (2,) (e.g. jax.random.key_data(key)), traced under jit.
     """
-    if validate.dropout_p(dropout_p) != 0.0:
-        raise NotImplementedError("dropout_p > 0 is not supported yet; cuflash's forward is exact attention")
+    dropout_p = validate.dropout_p(dropout_p)
     causal = validate.flag("causal", causal)
     deterministic = validate.flag("deterministic", deterministic)
-    o, lse = autograd.attention(q, k, v, softmax_scale, causal, deterministic)
+    o, lse = autograd.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
     return (o, lse) if return_lse else o
+
+
+def dropout_mask(q, k, dropout_p, seed, offset=0):
+    """The keep mask that forward/backward with these (dropout_p, seed, offset) apply, as a bool
+    (batch, nheads, seqlen_q, seqlen_k) array in q's framework and on its device: entry
+    (b, h, i, j) is True iff P[b, h, i, j] is kept. For tests and debugging (it is seqlen_q x
+    seqlen_k, what attention itself never stores); q and k give the shapes and the device."""
+    q_info, k_info = interop.describe(q, "q"), interop.describe(k, "k")
+    for name, info in (("q", q_info), ("k", k_info)):
+        if len(info.shape) != 4:
+            raise ValueError(f"{name} must have rank 4 (batch, seqlen, nheads, headdim); got shape {info.shape}")
+    validate.check_same_place("k", k_info, q_info)
+    dropout_p = validate.dropout_p(dropout_p)
+    seed, offset = validate.seed(seed, 1.0), validate.offset(offset)
+    batch, seqlen_q, nheads, _ = q_info.shape
+    shape = (batch, nheads, seqlen_q, k_info.shape[1])
+    with interop.caller_stream(q_info) as stream:
+        mask, info = interop.allocator(q_info)(shape, "bool")
+        if 0 not in shape:
+            dropout.launch_dropout_mask(info, dropout_p, seed, offset, stream)
+    return interop.export(mask, q_info.framework)
 
 
 def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, True), device=None):

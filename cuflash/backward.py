@@ -4,15 +4,17 @@ deterministic, preprocess -> dK/dV -> a separate dQ pass with no atomics."""
 import threading
 
 from . import compile as compile_
-from . import plan
+from . import dropout, plan
 from .forward import INT32_MAX, LOG2E, smem_limit
 from .launch import launch
 
 ROWS_PER_BLOCK = 4  # preprocess and convert_dq: one warp per row, 4 warps per block
 
 
-def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None):
-    """dQ, dK, dV of attention on CuPy's current device and on `stream` (a raw CUDA stream).
+def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None,
+                    dropout_p=0.0, seed=0, offset=0):
+    """dQ, dK, dV of attention (with the forward's dropout_p, seed and offset) on CuPy's current
+    device and on `stream` (a raw CUDA stream).
 
     Arguments are interop.ArrayInfo descriptions of validated, 16-byte aligned, non-empty arrays:
     dout, q, out, dq (batch, seqlen_q, nheads, d); k, v, dk, dv (batch, seqlen_k, nheads_k, d);
@@ -24,7 +26,8 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
-    variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id))
+    variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id),
+                                    dropout=dropout_p > 0)
     kernels = _prepare(variant, device_id)
     rows = batch * nheads * seqlen_q
     n_blocks = -(-seqlen_k // variant.tile.block_n)
@@ -45,25 +48,28 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
         return [a.strides[axis] for a in arrays for axis in (0, 1, 2)]
 
     scale_log2 = softmax_scale * LOG2E
+    # Dropout's 1 / (1 - p) is folded into the scales of dV and of dK and dQ (see flash_bwd.cu).
+    *rng, rp_dropout = dropout.kernel_args(dropout_p, seed, offset)
+    ds_scale = softmax_scale * rp_dropout
     row_blocks = -(-rows // ROWS_PER_BLOCK)
     function, _ = kernels["flash_bwd_preprocess"]
-    launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "6Q6q5i",
+    launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "6Q6q5if",
            out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, dq_accum, *strides(out, dout),
-           seqlen_q, seqlen_q_pad, nheads, head_dim, rows)
+           seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
     function, smem = kernels["flash_bwd_dkdv"]
-    launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f",
+    launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
            q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
            *strides(q, k, v, dout, dk, dv), seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks,
-           scale_log2, softmax_scale)
+           scale_log2, ds_scale, *rng, rp_dropout)
     if deterministic:
         function, smem = kernels["flash_bwd_dq"]
-        launch(function, batch * nheads * m_blocks, variant.tile.dq_threads, smem, stream, "7Q15q7i2f",
+        launch(function, batch * nheads * m_blocks, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",
                q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dq.data_ptr, lse2, dsum, *strides(q, k, v, dout, dq),
-               seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, softmax_scale)
+               seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, ds_scale, *rng)
     else:
         function, _ = kernels["flash_bwd_convert_dq"]
         launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "2Q3q4if",
-               dq_accum, dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, rows, softmax_scale)
+               dq_accum, dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, rows, ds_scale)
 
 
 _prepared = {}

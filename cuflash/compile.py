@@ -36,7 +36,7 @@ def _program(file, variant, names, **defines):
     the caller adds -arch."""
     tile = variant.tile
     defines = {"HEAD_DIM": variant.head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
-               "NWARPS": tile.num_warps, "IS_CAUSAL": int(variant.causal),
+               "NWARPS": tile.num_warps, "IS_CAUSAL": int(variant.causal), "IS_DROPOUT": int(variant.dropout),
                "IS_BF16": int(variant.dtype == "bfloat16"), **defines}
     options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
     return flatten_source(file), options, names
@@ -74,6 +74,9 @@ def get_function(program, device_id, name=None):
                 function = module.get_function(names if name is None else name)
             _cache[key] = function
     return function
+
+
+DROPOUT_MASK_PROGRAM = (flatten_source("dropout_mask.cu"), ("--std=c++17",), "dropout_mask")
 
 
 @functools.lru_cache(maxsize=None)

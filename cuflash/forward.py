@@ -3,16 +3,17 @@ import functools
 import threading
 
 from . import compile as compile_
-from . import plan
+from . import dropout, plan
 from .launch import launch
 
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
 
 
-def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None):
-    """O and LSE of softmax(Q K^T * scale [+ causal mask]) V, on CuPy's current device and on
-    `stream` (a raw CUDA stream).
+def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dropout_p=0.0, seed=0, offset=0):
+    """O and LSE of softmax(Q K^T * scale [+ causal mask]) V, with P dropped out at rate
+    dropout_p by the keep bits of (seed, offset), on CuPy's current device and on `stream` (a raw
+    CUDA stream).
 
     Arguments are interop.ArrayInfo descriptions (pointer, shape, element strides, dtype) of
     validated, 16-byte aligned, non-empty arrays: q, o (batch, seqlen_q, nheads, d); k, v
@@ -23,16 +24,17 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None):
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
-    variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id))
+    variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0)
     kernel, smem = _prepare(variant, device_id)
     m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
     grid = batch * nheads * m_blocks
     if grid > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {grid} tiles, seqlens {seqlen_q} and {seqlen_k}")
-    launch(kernel, grid, variant.tile.threads, smem, stream, "5Q12q6if",
+    launch(kernel, grid, variant.tile.threads, smem, stream, "5Q12q6if4If",
            q.data_ptr, k.data_ptr, v.data_ptr, o.data_ptr, lse.data_ptr,
            *(a.strides[axis] for a in (q, k, v, o) for axis in (0, 1, 2)),
-           seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, softmax_scale * LOG2E)
+           seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, softmax_scale * LOG2E,
+           *dropout.kernel_args(dropout_p, seed, offset))
 
 
 _prepared = {}

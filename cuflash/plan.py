@@ -1,9 +1,11 @@
 """Tile plans: which forward and backward kernel variants run a problem, and their tile sizes.
 
-A variant is fixed at compile time by (dtype, head-dim bucket, causal, tile[, deterministic]).
+A variant is fixed at compile time by (dtype, head-dim bucket, causal, dropout, tile[,
+deterministic]); dropout variants share the tiles of their dropout-free twins.
 The tile tables are keyed by head-dim bucket; the reason for each entry sits beside it.
 Registers are ptxas's count for sm_90 (bf16, causal).
 """
+import itertools
 from dataclasses import dataclass, replace
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
@@ -46,6 +48,7 @@ class FwdVariant:
     head_dim: int  # the bucket, not the caller's head dim
     causal: bool
     tile: FwdTile
+    dropout: bool = False
 
 
 # Forward tiles per head-dim bucket, for a GPU with >= 160 KB of shared memory per block (sm_80,
@@ -96,23 +99,23 @@ def fit_tile(tile, head_dim, smem_limit):
     return tile
 
 
-def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None):
-    """The variant that runs (dtype, caller's head_dim, causal) on a GPU with smem_limit bytes of
-    opt-in shared memory per block; `tile` overrides the table (and is then not shrunk)."""
+def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout=False):
+    """The variant that runs (dtype, caller's head_dim, causal, dropout) on a GPU with smem_limit
+    bytes of opt-in shared memory per block; `tile` overrides the table (and is then not shrunk)."""
     bucket = head_dim_bucket(head_dim)
     if tile is None:
         tile = FWD_TILES[bucket] if smem_limit is None else fit_tile(FWD_TILES[bucket], bucket, smem_limit)
     tile.check(bucket)
-    return FwdVariant(dtype, bucket, bool(causal), tile)
+    return FwdVariant(dtype, bucket, bool(causal), tile, bool(dropout))
 
 
 def forward_variants():
     """Every forward variant the dispatcher can pick on any sm_80+ GPU (CI compiles each for
     sm_80 and sm_90a)."""
     limits = sorted(set(SMEM_OPTIN_BY_CC.values()))
-    return sorted({forward_variant(dtype, bucket, causal, smem_limit=limit)
+    return sorted({forward_variant(dtype, bucket, causal, smem_limit=limit, dropout=dropout)
                    for dtype in DTYPES for bucket in HEAD_DIM_BUCKETS for causal in (False, True)
-                   for limit in limits}, key=repr)
+                   for dropout in (False, True) for limit in limits}, key=repr)
 
 
 def num_m_blocks(seqlen_q, tile):
@@ -172,6 +175,7 @@ class BwdVariant:
     causal: bool
     deterministic: bool
     tile: BwdTile
+    dropout: bool = False
 
 
 # Backward tiles per head-dim bucket, for an H100 (227 KB per block); fit_bwd_tile shrinks them.
@@ -237,23 +241,24 @@ def fit_bwd_tile(tile, head_dim, smem_limit):
                      "of shared memory per block")
 
 
-def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None):
-    """The backward variant for (dtype, caller's head_dim, causal, deterministic) on a GPU with
-    smem_limit bytes of shared memory per block. Where the head dim's own bucket cannot fit (d224
-    on sm_80), a larger bucket that fits runs it, zero-padded; `tile` overrides the table."""
+def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None, dropout=False):
+    """The backward variant for (dtype, caller's head_dim, causal, deterministic, dropout) on a GPU
+    with smem_limit bytes of shared memory per block. Where the head dim's own bucket cannot fit
+    (d224 on sm_80), a larger bucket that fits runs it, zero-padded; `tile` overrides the table."""
     bucket = head_dim_bucket(head_dim)
+    flags = (bool(causal), bool(deterministic))
     if tile is not None:
         tile.check(bucket)
-        return BwdVariant(dtype, bucket, bool(causal), bool(deterministic), tile)
+        return BwdVariant(dtype, bucket, *flags, tile, bool(dropout))
     if smem_limit is None:
-        return BwdVariant(dtype, bucket, bool(causal), bool(deterministic), BWD_TILES[bucket])
+        return BwdVariant(dtype, bucket, *flags, BWD_TILES[bucket], bool(dropout))
     for larger in HEAD_DIM_BUCKETS[HEAD_DIM_BUCKETS.index(bucket):]:
         try:
             tile = fit_bwd_tile(BWD_TILES[larger], larger, smem_limit)
         except ValueError as error:
             reason = error
             continue
-        return BwdVariant(dtype, larger, bool(causal), bool(deterministic), tile)
+        return BwdVariant(dtype, larger, *flags, tile, bool(dropout))
     raise reason
 
 
@@ -264,9 +269,10 @@ def backward_variants():
         for dtype in DTYPES:
             for bucket in HEAD_DIM_BUCKETS:
                 for causal in (False, True):
-                    for deterministic in (False, True):
+                    for deterministic, dropout in itertools.product((False, True), repeat=2):
                         try:
-                            variants.add(backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit))
+                            variants.add(backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit,
+                                                          dropout=dropout))
                         except ValueError:  # d > 192 backward does not fit 99 KB
                             pass
     return sorted(variants, key=repr)

@@ -118,3 +118,25 @@ def is_contiguous(info):
             return False
         step *= size
     return True
+
+
+def seed(value, dropout_p):
+    """The dropout seed: an int (taken modulo 2^64); required when dropout_p > 0, since the
+    backward must get the forward's."""
+    if value is None:
+        if dropout_p > 0:
+            raise ValueError("seed: dropout_p > 0 needs a seed (an int), and the backward needs the same one")
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"seed must be an int; got {type(value).__name__}")
+    return int(value) % 2**64
+
+
+def offset(value):
+    """The dropout offset, the Philox counter word that separates calls under one seed: an int
+    in [0, 2^64) (the kernels use it modulo 2^32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"offset must be an int; got {type(value).__name__}")
+    if not 0 <= int(value) < 2**64:
+        raise ValueError(f"offset must be in [0, 2^64); got {value}")
+    return int(value)

@@ -37,7 +37,7 @@ needs_cuda_headers = pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA heade
 
 def _variant_id(variant):
     tile = variant.tile
-    mode = "-det" if getattr(variant, "deterministic", False) else ""
+    mode = ("-det" if getattr(variant, "deterministic", False) else "") + ("-dropout" if variant.dropout else "")
     return (f"{variant.dtype}-d{variant.head_dim}-{'causal' if variant.causal else 'full'}{mode}"
             f"-{tile.block_m}x{tile.block_n}w{tile.num_warps}")
 
@@ -68,6 +68,12 @@ def test_variant_compiles(variant, arch):
 @pytest.mark.parametrize("variant", plan.backward_variants(), ids=_variant_id)
 def test_backward_variant_compiles(variant, arch):
     check_program(compile_.backward_program(variant), arch)
+
+
+@needs_cuda_headers
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_mask_compiles(arch):
+    check_program(compile_.DROPOUT_MASK_PROGRAM, arch)
 
 
 def check_program(program, arch):
@@ -102,10 +108,14 @@ def _walk(flat):
         lineno += 1
 
 
-@pytest.mark.parametrize("kernel", ["flash_fwd.cu", "flash_bwd.cu"])
-def test_flatten_maps_every_line_to_its_real_file(kernel):
+ALL_HEADERS = {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix == ".cuh"}
+
+
+@pytest.mark.parametrize("kernel, headers", [("flash_fwd.cu", ALL_HEADERS), ("flash_bwd.cu", ALL_HEADERS),
+                                             ("dropout_mask.cu", {"philox.cuh"})])
+def test_flatten_maps_every_line_to_its_real_file(kernel, headers):
     """Every line of a flattened kernel sits under a #line marker naming the real file and line;
-    the kernel pulls in every header."""
+    the kernel pulls in its headers."""
     flat = compile_.flatten_source(kernel)
     assert flat.startswith(f'#line 1 "cuda_src/{kernel}"\n')
     files = {}
@@ -113,9 +123,10 @@ def test_flatten_maps_every_line_to_its_real_file(kernel):
         if name not in files:
             files[name] = (compile_.SRC_DIR / name).read_text().splitlines()
         assert text == files[name][lineno - 1], f"line {lineno} of cuda_src/{name} is misplaced"
-    assert set(files) == {kernel} | {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix == ".cuh"}
+    assert set(files) == {kernel} | headers
     assert not re.search(r'^\s*#include\s+"', flat, re.M), "a local #include was left in"
-    assert "#include <cuda_fp16.h>" in flat, "system includes must be left for NVRTC"
+    if "ptx.cuh" in headers:
+        assert "#include <cuda_fp16.h>" in flat, "system includes must be left for NVRTC"
 
 
 def test_flatten_inlines_each_header_once(tmp_path, monkeypatch):

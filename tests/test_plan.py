@@ -1,6 +1,8 @@
 """CPU: the launch plan. Head dims map to the smallest bucket that holds them; every tile in the
 table is legal and fits an H100's shared memory, and shrinks to fit smaller GPUs; the
 dispatcher's variants cover the support matrix."""
+import itertools
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -47,14 +49,15 @@ def test_forward_smem_bytes():
 
 
 def test_forward_variants_cover_the_support_matrix():
-    """2 dtypes x 8 head-dim buckets x causal or not, each with its table tile, and nothing twice."""
+    """2 dtypes x 8 head-dim buckets x causal or not x dropout or not, each with its table tile,
+    and nothing twice."""
     variants = plan.forward_variants()
     assert len(variants) == len(set(variants))
-    assert {(v.dtype, v.head_dim, v.causal) for v in variants} == {
-        (dtype, bucket, causal) for dtype in ("float16", "bfloat16")
-        for bucket in (32, 64, 96, 128, 160, 192, 224, 256) for causal in (False, True)}
+    assert {(v.dtype, v.head_dim, v.causal, v.dropout) for v in variants} == {
+        (dtype, bucket, causal, dropout) for dtype in ("float16", "bfloat16")
+        for bucket in (32, 64, 96, 128, 160, 192, 224, 256) for causal in (False, True) for dropout in (False, True)}
     defaults = {v for v in variants if v.tile == plan.FWD_TILES[v.head_dim]}
-    assert len(defaults) == 2 * 8 * 2 == 32
+    assert len(defaults) == 2 * 8 * 2 * 2 == 64
 
 
 @pytest.mark.parametrize("cc, smem_limit", sorted(plan.SMEM_OPTIN_BY_CC.items()))
@@ -70,10 +73,11 @@ def test_every_gpu_gets_a_tile_that_fits(cc, smem_limit):
 
 
 @given(head_dim=st.integers(1, 256), causal=st.booleans(), dtype=st.sampled_from(plan.DTYPES),
-       smem_limit=st.sampled_from([None, *plan.SMEM_OPTIN_BY_CC.values()]))
-def test_forward_variant_is_one_of_the_compiled(head_dim, causal, dtype, smem_limit):
+       smem_limit=st.sampled_from([None, *plan.SMEM_OPTIN_BY_CC.values()]), dropout=st.booleans())
+def test_forward_variant_is_one_of_the_compiled(head_dim, causal, dtype, smem_limit, dropout):
     """Whatever the caller's head dim and GPU, the dispatcher picks a variant CI compiles."""
-    assert plan.forward_variant(dtype, head_dim, causal, smem_limit=smem_limit) in plan.forward_variants()
+    variant = plan.forward_variant(dtype, head_dim, causal, smem_limit=smem_limit, dropout=dropout)
+    assert variant.dropout == dropout and variant in plan.forward_variants()
 
 
 def test_forward_variant_tile_override():
@@ -129,9 +133,10 @@ def test_backward_fits_every_gpu_that_can_hold_it(cc, smem_limit):
     all (d > 128 does not fit sm_86/89's 99 KB with 8 warps), and CI compiles it."""
     compiled = set(plan.backward_variants())
     for bucket in plan.HEAD_DIM_BUCKETS:
-        for deterministic in (False, True):
+        for deterministic, dropout in itertools.product((False, True), repeat=2):
             try:
-                variant = plan.backward_variant("bfloat16", bucket, True, deterministic, smem_limit=smem_limit)
+                variant = plan.backward_variant("bfloat16", bucket, True, deterministic, smem_limit=smem_limit,
+                                                dropout=dropout)
             except ValueError as error:
                 assert smem_limit < 160 * 1024 and bucket > 128, error
                 continue

@@ -205,5 +205,25 @@ def test_forward_refuses_numpy_before_anything_else(monkeypatch):
 def test_flash_attn_func_checks_dropout_first():
     with pytest.raises(ValueError, match="dropout_p"):
         cuflash.flash_attn_func(*_numpy_qkv(), dropout_p=1.0)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        cuflash.flash_attn_func(*_numpy_qkv(), dropout_p=0.1)
+
+
+@pytest.mark.parametrize("value, expected", [(None, 0), (0, 0), (7, 7), (2**64 + 3, 3), (-1, 2**64 - 1),
+                                             (np.uint64(2**63), 2**63)], ids=repr)
+def test_seed(value, expected):
+    assert validate.seed(value, 0.0 if value is None else 0.5) == expected
+
+
+@pytest.mark.parametrize("value, dropout_p, error", [
+    (None, 0.1, ValueError), (1.5, 0.1, TypeError), ("3", 0.1, TypeError), (True, 0.1, TypeError),
+    (np.zeros(2), 0.0, TypeError),
+], ids=repr)
+def test_bad_seed(value, dropout_p, error):
+    with pytest.raises(error, match="seed"):
+        validate.seed(value, dropout_p)
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (2**64, ValueError), (1.0, TypeError),
+                                          (None, TypeError), (False, TypeError)], ids=repr)
+def test_bad_offset(value, error):
+    with pytest.raises(error, match="offset"):
+        validate.offset(value)
