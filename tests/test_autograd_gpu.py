@@ -175,10 +175,12 @@ def test_torch_ops_pass_opcheck(torch):
     """The fake implementations agree with the real ops (shapes, dtypes, strides), the schemas
     hold, autograd is registered, and AOT dispatch (dynamic shapes) works."""
     q, k, v = torch_qkv(torch, SHAPES[0], torch.float16, "bhsd", (False, False, False))
-    torch.library.opcheck(torch.ops.cuflash.flash_fwd.default, (q, k, v, 0.125, True, False))
-    o, lse = torch.ops.cuflash.flash_fwd(q, k, v, 0.125, True, False)
-    dout = torch.randn(o.shape, device="cuda").to(o.dtype)
-    torch.library.opcheck(torch.ops.cuflash.flash_bwd.default, (dout, q, k, v, o, lse, 0.125, True, False))
+    for dropout_p, seed in ((0.0, None), (0.25, 5)):  # an explicit seed: opcheck compares repeated runs
+        torch.library.opcheck(torch.ops.cuflash.flash_fwd.default, (q, k, v, 0.125, True, False, dropout_p, seed))
+        o, lse, rng_state = torch.ops.cuflash.flash_fwd(q, k, v, 0.125, True, False, dropout_p, seed)
+        dout = torch.randn(o.shape, device="cuda").to(o.dtype)
+        torch.library.opcheck(torch.ops.cuflash.flash_bwd.default,
+                              (dout, q, k, v, o, lse, 0.125, True, False, dropout_p, rng_state))
 
 
 # --- JAX -----------------------------------------------------------------------------------------
