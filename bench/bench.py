@@ -5,6 +5,7 @@ CuPy attention, tile sweeps, and peak extra device memory against seqlen.
     python bench/bench.py --quick              # a small subset (bf16, d 64/128, seqlen 1k/4k)
     python bench/bench.py --pass bwd           # backward tables only (fwd: forward only; default both)
     python bench/bench.py --dtype bf16 --hdim 128 --seqlen 4096 16384 --causal
+    python bench/bench.py --dropout 0.1        # the forward and backward tables with dropout p=0.1
     python bench/bench.py --tiles --hdim 128   # time FwdTile and BwdTile candidates at seqlen 4k and 16k
     python bench/bench.py --tiles --pass bwd   # BwdTile candidates only
     python bench/bench.py --memory-only        # peak extra memory vs seqlen only
@@ -23,6 +24,11 @@ cuflash.backward(dout, q, k, v, o, lse) is timed, with deterministic=False and T
 is built once (leaf q, k, v (b, s, h, d), passed as (b, h, s, d) views), then
 torch.autograd.grad(o, (q, k, v), dout, retain_graph=True) is timed. Backward FLOPs are 2.5x the
 forward's (attention_flops). The naive attention has no backward here.
+
+With --dropout P every backend of the forward and backward tables drops with probability P: cuflash
+with a fixed seed (DROPOUT_SEED), SDPA with dropout_p=P. The naive attention is skipped, and
+cuflash is not checked against SDPA (their masks differ). FLOPs ignore dropout, as
+FlashAttention's benchmarks do.
 """
 import argparse
 import dataclasses
@@ -79,6 +85,10 @@ WARMUP_RUNS = 3
 MIN_RUNS, MAX_RUNS = 10, 100
 RUN_BUDGET_MS = 300.0          # aim for this much timed GPU work per measurement
 QUICK_RUN_BUDGET_MS = 100.0
+
+# Which entries dropout hits does not change the work, so one seed (and offset 0) serves every
+# timed run; the backward regenerates the forward's mask from the same seed.
+DROPOUT_SEED = 0
 
 BACKENDS = ("cuflash", "sdpa-flash", "sdpa-cudnn", "naive")
 BWD_BACKENDS = ("cuflash", "cuflash-det", "sdpa-flash", "sdpa-cudnn")
@@ -330,15 +340,15 @@ def error_notes(results_by_name):
 
 
 # --------------------------------------------------------------------------------------------
-# Backends: make_<name>(q, k, v, causal) -> a zero-argument callable returning O (b, s, h, d)
+# Backends: make_<name>(q, k, v, causal, dropout_p) -> a zero-argument callable returning O (b, s, h, d)
 
 
-def make_cuflash(q, k, v, causal, tile=None):
-    return lambda: cuflash.forward(q, k, v, causal=causal, tile=tile)[0]
+def make_cuflash(q, k, v, causal, dropout_p=0.0, tile=None):
+    return lambda: cuflash.forward(q, k, v, causal=causal, tile=tile, dropout_p=dropout_p, seed=DROPOUT_SEED)[0]
 
 
 def make_sdpa(backend_name):
-    def make(q, k, v, causal):
+    def make(q, k, v, causal, dropout_p=0.0):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -347,17 +357,20 @@ def make_sdpa(backend_name):
 
         def run():
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal).transpose(1, 2)
+                return F.scaled_dot_product_attention(q_, k_, v_, dropout_p=dropout_p,
+                                                      is_causal=causal).transpose(1, 2)
 
         return run
 
     return make
 
 
-def make_naive(q, k, v, causal):
+def make_naive(q, k, v, causal, dropout_p=0.0):
     import cupy
     import torch
 
+    if dropout_p:
+        raise Skip("no dropout in the naive attention")
     batch, seqlen, nheads, _ = q.shape
     s_bytes = naive_score_bytes(batch, nheads, seqlen, seqlen, q.element_size())
     if s_bytes > NAIVE_S_LIMIT:
@@ -381,23 +394,24 @@ MAKERS = {
 }
 
 
-# Backward backends: make_<name>(q, k, v, dout, causal) -> a zero-argument callable returning
-# (dq, dk, dv) (b, s, h, d); the forward (graph) is built once in make, outside the timing.
+# Backward backends: make_<name>(q, k, v, dout, causal, dropout_p) -> a zero-argument callable
+# returning (dq, dk, dv) (b, s, h, d); the forward (graph) is built once in make, outside the timing.
 
 
 def make_cuflash_bwd(deterministic=False, tile=None):
-    def make(q, k, v, dout, causal):
+    def make(q, k, v, dout, causal, dropout_p=0.0):
         import torch
 
         with torch.no_grad():
-            o, lse = cuflash.forward(q, k, v, causal=causal)
-        return lambda: cuflash.backward(dout, q, k, v, o, lse, causal=causal, deterministic=deterministic, tile=tile)
+            o, lse = cuflash.forward(q, k, v, causal=causal, dropout_p=dropout_p, seed=DROPOUT_SEED)
+        return lambda: cuflash.backward(dout, q, k, v, o, lse, causal=causal, deterministic=deterministic, tile=tile,
+                                        dropout_p=dropout_p, seed=DROPOUT_SEED)
 
     return make
 
 
 def make_sdpa_bwd(backend_name):
-    def make(q, k, v, dout, causal):
+    def make(q, k, v, dout, causal, dropout_p=0.0):
         import torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -406,7 +420,8 @@ def make_sdpa_bwd(backend_name):
         # Leaves (b, s, h, d) that share q, k, v's memory; SDPA sees (b, h, s, d) views of them.
         leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
         with torch.enable_grad(), sdpa_kernel(backend):
-            o = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in leaves), is_causal=causal).transpose(1, 2)
+            o = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in leaves), dropout_p=dropout_p,
+                                               is_causal=causal).transpose(1, 2)
         return lambda: torch.autograd.grad(o, leaves, dout, retain_graph=True)
 
     return make
@@ -461,30 +476,31 @@ def free_device_memory():
 # Forward tables
 
 
-def forward_row(dtype, head_dim, causal, seqlen, flush, budget_ms):
+def forward_row(dtype, head_dim, causal, seqlen, dropout_p, flush, budget_ms):
     """Every backend on the same inputs; the inputs die with this frame."""
     batch, nheads = TOKENS // seqlen, HIDDEN // head_dim
     flops = attention_flops(batch, nheads, seqlen, seqlen, head_dim, causal)
     q, k, v = random_qkv(batch, seqlen, nheads, head_dim, dtype)
-    results = {name: measure(lambda name=name: MAKERS[name](q, k, v, causal), flops, flush, budget_ms)
+    results = {name: measure(lambda name=name: MAKERS[name](q, k, v, causal, dropout_p), flops, flush, budget_ms)
                for name in BACKENDS}
     reference = next((name for name in ("sdpa-flash", "sdpa-cudnn") if "ms" in results[name]), None)
-    diff = max_diff(q, k, v, causal, reference) if reference and "ms" in results["cuflash"] else None
-    return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
-            "nheads": nheads, "flops": flops, "results": results, "check_against": reference,
+    checked = reference and "ms" in results["cuflash"] and not dropout_p  # dropout: the masks differ
+    diff = max_diff(q, k, v, causal, reference) if checked else None
+    return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "dropout_p": dropout_p, "seqlen": seqlen,
+            "batch": batch, "nheads": nheads, "flops": flops, "results": results, "check_against": reference,
             "max_diff": diff}
 
 
 def run_grid(make_row, print_group, config, budget_ms, rows, save):
-    """Append make_row(dtype, d, causal, seqlen, flush, budget_ms) for the whole grid to rows; print
-    one table per (dtype, d, causal)."""
+    """Append make_row(dtype, d, causal, seqlen, dropout_p, flush, budget_ms) for the whole grid to
+    rows; print one table per (dtype, d, causal)."""
     flush = l2_flusher()
     for dtype in config["dtype"]:
         for head_dim in config["hdim"]:
             for causal in config["causal"]:
                 group = []
                 for seqlen in config["seqlen"]:
-                    group.append(make_row(dtype, head_dim, causal, seqlen, flush, budget_ms))
+                    group.append(make_row(dtype, head_dim, causal, seqlen, config["dropout"], flush, budget_ms))
                     free_device_memory()
                 print_group(group)
                 rows += group
@@ -496,11 +512,16 @@ def ratio(row, a="cuflash", b="sdpa-flash"):
     return ra["tflops"] / rb["tflops"] if "tflops" in ra and "tflops" in rb else None
 
 
+def dropout_text(dropout_p):
+    """The titles' mention of dropout; nothing without it."""
+    return f", dropout p={dropout_p:g}" if dropout_p else ""
+
+
 def print_timing_table(rows, title, backends, diff_label, notes=()):
     """One table of a (dtype, d, causal) group: TFLOP/s per backend, cuflash/flash, the check."""
     first = rows[0]
-    title = (f"{title}, {first['dtype']}, d={first['head_dim']}, causal={first['causal']} "
-             f"(batch*seqlen={TOKENS}, hidden={HIDDEN})")
+    title = (f"{title}, {first['dtype']}, d={first['head_dim']}, causal={first['causal']}"
+             f"{dropout_text(first['dropout_p'])} (batch*seqlen={TOKENS}, hidden={HIDDEN})")
     headers = ["seqlen", "batch", "nheads", *backends, "cuflash/flash", diff_label]
     table = []
     for row in rows:
@@ -510,6 +531,8 @@ def print_timing_table(rows, title, backends, diff_label, notes=()):
                       "n/a" if r is None else f"{r:.2f}",
                       "n/a" if row["max_diff"] is None else f"{row['max_diff']:.1e}"])
     errors = error_notes((name, row["results"][name]) for row in rows for name in backends)
+    if first["dropout_p"]:
+        notes = [*notes, f"{diff_label}: not checked with dropout (cuflash and SDPA draw different masks)."]
     print_table(title, headers, table, errors + list(notes))
 
 
@@ -521,19 +544,21 @@ def print_forward_table(rows):
 # Backward tables
 
 
-def backward_row(dtype, head_dim, causal, seqlen, flush, budget_ms):
+def backward_row(dtype, head_dim, causal, seqlen, dropout_p, flush, budget_ms):
     """Every backward backend on the same q, k, v, dout; the inputs die with this frame."""
     batch, nheads = TOKENS // seqlen, HIDDEN // head_dim
     flops = attention_flops(batch, nheads, seqlen, seqlen, head_dim, causal, pass_="bwd")
     q, k, v, dout = random_qkv(batch, seqlen, nheads, head_dim, dtype, count=4)
     results = {}
     for name in BWD_BACKENDS:
-        results[name] = measure(lambda name=name: BWD_MAKERS[name](q, k, v, dout, causal), flops, flush, budget_ms)
+        results[name] = measure(lambda name=name: BWD_MAKERS[name](q, k, v, dout, causal, dropout_p),
+                                flops, flush, budget_ms)
         free_device_memory()        # the graph (SDPA's saved O and LSE) dies with the callable
     reference = next((name for name in ("sdpa-flash", "sdpa-cudnn") if "ms" in results[name]), None)
-    diff = max_grad_diff(q, k, v, dout, causal, reference) if reference and "ms" in results["cuflash"] else None
-    return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
-            "nheads": nheads, "flops": flops, "results": results, "check_against": reference,
+    checked = reference and "ms" in results["cuflash"] and not dropout_p  # dropout: the masks differ
+    diff = max_grad_diff(q, k, v, dout, causal, reference) if checked else None
+    return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "dropout_p": dropout_p, "seqlen": seqlen,
+            "batch": batch, "nheads": nheads, "flops": flops, "results": results, "check_against": reference,
             "max_diff": diff}
 
 
@@ -572,7 +597,7 @@ def tile_rows(pass_, dtype, head_dim, causal, seqlen, candidates, flush, budget_
 
     def make(tile):
         if pass_ == "fwd":
-            return make_cuflash(q, k, v, causal, tile)
+            return make_cuflash(q, k, v, causal, tile=tile)
         return make_cuflash_bwd(deterministic=False, tile=tile)(q, k, v, dout, causal)
 
     return [{"pass": pass_, "dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen,
@@ -789,7 +814,7 @@ def _plot_memory(ax, rows, series, title):
     _style(ax, title, "seqlen", "MiB")
 
 
-def make_plot(forward_rows, backward_rows, memory_rows, path):
+def make_plot(forward_rows, backward_rows, memory_rows, path, dropout_p=0.0):
     """One row of panels per pass (a panel per (d, causal), bf16 solid, fp16 dashed), then the
     memory panels: 3 x 4 for the default grid."""
     try:
@@ -807,7 +832,7 @@ def make_plot(forward_rows, backward_rows, memory_rows, path):
         panel_rows.append([
             (lambda ax, case=case, rows=rows, backends=backends, label=label: _plot_timings(
                 ax, [r for r in rows if (r["head_dim"], r["causal"]) == case], backends,
-                f"{label}, d={case[0]}, causal={case[1]}"))
+                f"{label}, d={case[0]}, causal={case[1]}{dropout_text(dropout_p)}"))
             for case in cases])
     if memory_rows:
         memory_panels = [lambda ax: _plot_memory(
@@ -868,7 +893,7 @@ def ratio_text(x):
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def print_summary(forward_rows, backward_rows, memory_rows):
+def print_summary(forward_rows, backward_rows, memory_rows, dropout_p=0.0):
     """Per (dtype, d, causal): a forward and a backward line at the longest seqlen, with
     cuflash / SDPA there and the geomean of cuflash / SDPA over seqlens >= ACCEPT_SEQLEN."""
     table = []
@@ -904,8 +929,9 @@ def print_summary(forward_rows, backward_rows, memory_rows):
     if table:
         notes.insert(0, "bwd TFLOP/s count 2.5x the forward FLOPs; cuflash = deterministic=False, "
                         "cuflash det = deterministic=True.")
-        print_table(f"Summary: TFLOP/s at the longest seqlen, cuflash/SDPA there, and the geomean of cuflash/SDPA "
-                    f"over seqlens >= {ACCEPT_SEQLEN} (acceptance is judged at seqlen >= {ACCEPT_SEQLEN})",
+        print_table(f"Summary{dropout_text(dropout_p)}: TFLOP/s at the longest seqlen, cuflash/SDPA there, and the "
+                    f"geomean of cuflash/SDPA over seqlens >= {ACCEPT_SEQLEN} (acceptance is judged at seqlen >= "
+                    f"{ACCEPT_SEQLEN})",
                     ["case", "pass", "cuflash", "cuflash det", "sdpa-flash", "sdpa-cudnn", "/flash", "/cudnn",
                      f"geomean /flash s>={ACCEPT_SEQLEN}", f"geomean /cudnn s>={ACCEPT_SEQLEN}"], table, notes)
     elif notes:
@@ -956,6 +982,9 @@ def parse_args(argv=None):
                       help="time FwdTile / BwdTile candidates (per --pass) instead of the backends")
     mode.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
     mode.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                        help="dropout probability of every backend in the forward and backward tables (default 0; "
+                             "the naive attention is skipped)")
     parser.add_argument("--plot", default=str(ROOT / "bench" / "bench.png"),
                         help="PNG path (default bench/bench.png)")
     parser.add_argument("--json", help="write all results as JSON to this path")
@@ -966,6 +995,10 @@ def parse_args(argv=None):
     for head_dim in args.hdim or ():
         if head_dim <= 0 or HIDDEN % head_dim:
             parser.error(f"--hdim {head_dim}: must divide hidden = {HIDDEN}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.dropout and (args.tiles or args.memory_only):
+        parser.error("--dropout applies to the forward and backward tables, not to --tiles or --memory-only")
     return args
 
 
@@ -980,6 +1013,7 @@ def config_from(args):
         "hdim": tuple(args.hdim or defaults["hdim"]),
         "seqlen": tuple(args.seqlen or defaults["seqlen"]),
         "causal": tuple(args.causal or (False, True)),
+        "dropout": args.dropout,
     }
 
 
@@ -1037,8 +1071,8 @@ def main(argv=None):
     if args.tiles:
         print_tiles_summary(results["tiles"])
         return 0
-    make_plot(results["forward"], results["backward"], results["memory"], args.plot)
-    print_summary(results["forward"], results["backward"], results["memory"])
+    make_plot(results["forward"], results["backward"], results["memory"], args.plot, config["dropout"])
+    print_summary(results["forward"], results["backward"], results["memory"], config["dropout"])
     return 0
 
 
