@@ -28,45 +28,49 @@ __device__ __forceinline__ void load_b_frag(unsigned (&b)[4], const elem_t* sB, 
         ptx::ldmatrix_x4(b, sB + (n0 + lane % 8 + (lane / 16) * 8) * ldb + k0 + ((lane / 8) % 2) * 8);
 }
 
+// acc += A * B for one k step of 16: A fragments of MT row tiles (a[mt]) against B's k rows
+// k0..k0+15 of all NT n8 tiles.
+template <int MT, int NT, bool B_KMAJOR>
+__device__ __forceinline__ void mma_k16(float (&acc)[MT][NT][4], const unsigned (&a)[MT][4], const elem_t* sB, int ldb, int k0) {
+    static_assert(NT % 2 == 0, "B is read 16 columns at a time");
+#pragma unroll
+    for (int nn = 0; nn < NT / 2; ++nn) {
+        unsigned b[4];
+        load_b_frag<B_KMAJOR>(b, sB, ldb, nn * 16, k0);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            ptx::mma_16816<elem_t>(acc[mt][2 * nn], a[mt], b[0], b[1]);
+            ptx::mma_16816<elem_t>(acc[mt][2 * nn + 1], a[mt], b[2], b[3]);
+        }
+    }
+}
+
 // acc += A * B with both operands in shared memory; sA points at the warp's row 0 (or column 0 if
 // A_KMAJOR), sB at its column 0 (row 0 if !B_KMAJOR). A fragments are reused across all of N.
 template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR>
 __device__ __forceinline__ void warp_gemm_ss(float (&acc)[MT][NT][4], const elem_t* sA, int lda, const elem_t* sB, int ldb) {
-    static_assert(NT % 2 == 0 && K % 16 == 0, "B is read 16 columns and 16 k at a time");
+    static_assert(K % 16 == 0, "k runs in steps of 16");
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) load_a_frag<A_KMAJOR>(a[mt], sA, lda, mt * 16, kk * 16);
-#pragma unroll
-        for (int nn = 0; nn < NT / 2; ++nn) {
-            unsigned b[4];
-            load_b_frag<B_KMAJOR>(b, sB, ldb, nn * 16, kk * 16);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                ptx::mma_16816<elem_t>(acc[mt][2 * nn], a[mt], b[0], b[1]);
-                ptx::mma_16816<elem_t>(acc[mt][2 * nn + 1], a[mt], b[2], b[3]);
-            }
-        }
+        mma_k16<MT, NT, B_KMAJOR>(acc, a, sB, ldb, kk * 16);
     }
 }
 
 // acc += A * B with A in registers: a[mt][kk] are the A fragments of rows mt*16.., k kk*16...
 template <int MT, int NT, int K, bool B_KMAJOR>
 __device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][NT][4], const unsigned (&a)[MT][K / 16][4], const elem_t* sB, int ldb) {
-    static_assert(NT % 2 == 0 && K % 16 == 0, "B is read 16 columns and 16 k at a time");
+    static_assert(K % 16 == 0, "k runs in steps of 16");
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a_kk[MT][4];
 #pragma unroll
-        for (int nn = 0; nn < NT / 2; ++nn) {
-            unsigned b[4];
-            load_b_frag<B_KMAJOR>(b, sB, ldb, nn * 16, kk * 16);
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                ptx::mma_16816<elem_t>(acc[mt][2 * nn], a[mt][kk], b[0], b[1]);
-                ptx::mma_16816<elem_t>(acc[mt][2 * nn + 1], a[mt][kk], b[2], b[3]);
-            }
-        }
+            for (int i = 0; i < 4; ++i) a_kk[mt][i] = a[mt][kk][i];
+        mma_k16<MT, NT, B_KMAJOR>(acc, a_kk, sB, ldb, kk * 16);
     }
 }
 

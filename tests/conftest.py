@@ -1,5 +1,6 @@
 """Shared test setup: the `gpu` marker, skipped where CuPy sees no CUDA GPU; one hypothesis
-profile for every suite (derandomized in CI); CuPy's memory pools freed after each GPU test."""
+profile for every suite (derandomized in CI); CuPy's memory pools freed after each GPU test; the
+`torch` and `jax` fixtures (the framework module, or a skip where it is missing or sees no GPU)."""
 import os
 
 import pytest
@@ -44,3 +45,19 @@ def _free_cupy_pool(request):
 
         cupy.get_default_memory_pool().free_all_blocks()
         cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+@pytest.fixture(scope="module")
+def torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no GPU")
+    return torch
+
+
+@pytest.fixture(scope="module")
+def jax():
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    return jax

@@ -27,14 +27,6 @@ SHAPES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim
 
 # --- PyTorch -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch sees no GPU")
-    return torch
-
-
 def torch_qkv(torch, shape, dtype, layout="contiguous", requires_grad=(True, True, True), seed=0):
     """q (b, sq, h, d), k, v (b, sk, hk, d); with layout "bhsd" they are transposed views of
     (b, h, s, d) tensors. Leaves, each requiring grad as asked."""
@@ -184,14 +176,6 @@ def test_torch_ops_pass_opcheck(torch):
 
 
 # --- JAX -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def jax():
-    jax = pytest.importorskip("jax")
-    if not any(d.platform == "gpu" for d in jax.devices()):
-        pytest.skip("JAX sees no GPU")
-    return jax
-
 
 def jax_qkv(jax, shape, dtype, seed=0):
     batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim = shape

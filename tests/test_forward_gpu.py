@@ -59,18 +59,24 @@ def test_every_variant(variant, seqlens):
     check_forward(*qkv(2, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal, tile=variant.tile)
 
 
-@st.composite
-def problems(draw):
-    seqlen = st.one_of(st.sampled_from(AWKWARD), st.integers(1, 2000))
-    nheads_k = draw(st.integers(1, 2))
-    p = dict(batch=draw(st.integers(1, 3)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen), nheads_k=nheads_k,
-             nheads=nheads_k * draw(st.sampled_from([1, 2, 3, 4, 8])),
-             head_dim=draw(st.sampled_from(range(8, 257, 8))), dtype=draw(st.sampled_from(plan.DTYPES)),
-             layout=draw(st.sampled_from(LAYOUTS)), causal=draw(st.booleans()),
-             softmax_scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))), seed=draw(st.integers(0, 2**20)))
-    # Keep the float64 reference's (b, h, sq, sk) scores under ~0.5 GB.
-    p["batch"] = max(1, min(p["batch"], int(6e7 // (p["nheads"] * p["seqlen_q"] * p["seqlen_k"]))))
-    return p
+def problems(max_seqlen=2000, max_batch=3, max_scores=6e7, groups=(1, 2, 3, 4, 8), **extra):
+    """Fuzzed problems (a dict): awkward or random seqlens up to max_seqlen, sq != sk, GQA groups,
+    every head dim, both dtypes, strided layouts, causal or not, scale, data seed; plus a field per
+    `extra` strategy. The batch shrinks so that the float64 reference's (b, h, sq, sk) scores stay
+    under max_scores elements (6e7: ~0.5 GB)."""
+    @st.composite
+    def draw_problem(draw):
+        seqlen = st.one_of(st.sampled_from(AWKWARD), st.integers(1, max_seqlen))
+        nheads_k = draw(st.integers(1, 2))
+        p = dict(batch=draw(st.integers(1, max_batch)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen),
+                 nheads_k=nheads_k, nheads=nheads_k * draw(st.sampled_from(groups)),
+                 head_dim=draw(st.sampled_from(range(8, 257, 8))), dtype=draw(st.sampled_from(plan.DTYPES)),
+                 layout=draw(st.sampled_from(LAYOUTS)), causal=draw(st.booleans()),
+                 softmax_scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))), seed=draw(st.integers(0, 2**20)),
+                 **{name: draw(strategy) for name, strategy in extra.items()})
+        p["batch"] = max(1, min(p["batch"], int(max_scores // (p["nheads"] * p["seqlen_q"] * p["seqlen_k"]))))
+        return p
+    return draw_problem()
 
 
 @settings(max_examples=150, deadline=None)
