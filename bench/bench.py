@@ -893,11 +893,33 @@ def ratio_text(x):
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def training_rows(forward_rows, backward_rows):
+    """fwd+bwd rows: each backend's forward and backward times of one (dtype, d, causal, seqlen)
+    added, over 3.5x the forward FLOPs (cuflash-det: cuflash's forward, the deterministic backward)."""
+    forward = {(r["dtype"], r["head_dim"], r["causal"], r["seqlen"]): r for r in forward_rows}
+    rows = []
+    for bwd in backward_rows:
+        fwd = forward.get((bwd["dtype"], bwd["head_dim"], bwd["causal"], bwd["seqlen"]))
+        if fwd is None:
+            continue
+        flops = fwd["flops"] * FLOP_FACTOR["fwd+bwd"]
+        results = {}
+        for name, result in bwd["results"].items():
+            first = fwd["results"]["cuflash" if name == "cuflash-det" else name]
+            if "ms" in first and "ms" in result:
+                ms = first["ms"] + result["ms"]
+                results[name] = {"ms": ms, "tflops": tflops(flops, ms)}
+            else:
+                results[name] = {"skip": "needs both passes"}
+        rows.append({**bwd, "flops": flops, "results": results})
+    return rows
+
+
 def print_summary(forward_rows, backward_rows, memory_rows, dropout_p=0.0):
-    """Per (dtype, d, causal): a forward and a backward line at the longest seqlen, with
+    """Per (dtype, d, causal): a forward, a backward and a fwd+bwd line at the longest seqlen, with
     cuflash / SDPA there and the geomean of cuflash / SDPA over seqlens >= ACCEPT_SEQLEN."""
     table = []
-    passes = (("fwd", forward_rows), ("bwd", backward_rows))
+    passes = (("fwd", forward_rows), ("bwd", backward_rows), ("fwd+bwd", training_rows(forward_rows, backward_rows)))
     cases = sorted({(r["dtype"], r["head_dim"], r["causal"]) for _, rows in passes for r in rows})
     for case in cases:
         dtype, head_dim, causal = case
@@ -927,8 +949,8 @@ def print_summary(forward_rows, backward_rows, memory_rows, dropout_p=0.0):
                      f"(expected {fmt_bytes(row['expected_cuflash_bwd'])})")
         notes.append(text)
     if table:
-        notes.insert(0, "bwd TFLOP/s count 2.5x the forward FLOPs; cuflash = deterministic=False, "
-                        "cuflash det = deterministic=True.")
+        notes.insert(0, "bwd TFLOP/s count 2.5x the forward FLOPs, fwd+bwd 3.5x over the sum of the two times; "
+                        "cuflash = deterministic=False, cuflash det = deterministic=True.")
         print_table(f"Summary{dropout_text(dropout_p)}: TFLOP/s at the longest seqlen, cuflash/SDPA there, and the "
                     f"geomean of cuflash/SDPA over seqlens >= {ACCEPT_SEQLEN} (acceptance is judged at seqlen >= "
                     f"{ACCEPT_SEQLEN})",
