@@ -674,34 +674,40 @@ def peak_extra_bytes(tracker, fn):
     return extra
 
 
-def memory_cell(tracker, fn, skip_reason=None):
+def guarded(tracker, fn, what=""):
+    """(fn(), None), or (None, the table cell) when fn runs out of memory or fails; the pool is
+    emptied after a failure. `what` prefixes the error text."""
     import cupy
 
-    if skip_reason:
-        return {"skip": skip_reason}
     try:
-        return {"bytes": peak_extra_bytes(tracker, fn)}
+        return fn(), None
     except cupy.cuda.memory.OutOfMemoryError:
         tracker.pool.free_all_blocks()
-        return {"skip": "OOM"}
+        return None, {"skip": "OOM"}
     except Exception as error:
         tracker.pool.free_all_blocks()
-        return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
+        return None, {"error": f"{what}{type(error).__name__}: {error}".splitlines()[0][:200]}
+
+
+def memory_cell(tracker, fn, skip_reason=None):
+    if skip_reason:
+        return {"skip": skip_reason}
+    peak, failed = guarded(tracker, lambda: peak_extra_bytes(tracker, fn))
+    return failed or {"bytes": peak}
 
 
 def backward_memory_cell(tracker, q, k, v):
     """Peak extra memory of cuflash.backward (deterministic=False) above dout, q, k, v, out, lse."""
     import cupy
 
-    try:
+    def inputs():
         dout = cupy.random.standard_normal(q.shape, dtype=cupy.float32).astype(q.dtype)
-        out, lse = cuflash.forward(q, k, v)
-    except cupy.cuda.memory.OutOfMemoryError:
-        tracker.pool.free_all_blocks()
-        return {"skip": "OOM"}
-    except Exception as error:
-        tracker.pool.free_all_blocks()
-        return {"error": f"forward: {type(error).__name__}: {error}".splitlines()[0][:200]}
+        return (dout, *cuflash.forward(q, k, v))
+
+    made, failed = guarded(tracker, inputs, "forward: ")
+    if failed:
+        return failed
+    dout, out, lse = made
     tracker.pool.free_all_blocks()
     return memory_cell(tracker, lambda: cuflash.backward(dout, q, k, v, out, lse))
 
