@@ -21,26 +21,43 @@ from cuflash.reference import attention_reference, attention_reference_backward 
 pytestmark = pytest.mark.gpu
 
 
+def assert_matches_reference(q, k, v, causal, dropout_p, mask, softmax_scale=None, o=None, lse=None, dout=None,
+                             grads=None):
+    """The 2x rule against the float64 reference built with `mask`, for whichever of o, lse and
+    (with dout) grads = (dq, dk, dv) are given; q, k, v, dout are CuPy arrays."""
+    dtype = q.dtype.name
+    drop = dict(dropout_p=dropout_p, dropout_mask=mask)
+    if o is not None:
+        o_ref, lse_ref = attention_reference(q, k, v, softmax_scale, causal, **drop)
+        o_low, lse_low = attention_reference(q, k, v, softmax_scale, causal, upcast=False, **drop)
+        assert_2x(o, o_ref, o_low, dtype)
+        if lse is not None:
+            assert_2x(lse, lse_ref, lse_low, dtype, "lse")
+    if grads is not None:
+        ref = attention_reference_backward(dout, q, k, v, softmax_scale, causal, **drop)
+        low = attention_reference_backward(dout, q, k, v, softmax_scale, causal, upcast=False, **drop)
+        for name, got, r, lo in zip(("dq", "dk", "dv"), grads, ref, low):
+            assert_2x(got, r, lo, dtype, name)
+
+
+def check_dropout_forward(q, k, v, causal, dropout_p, seed, offset=0, softmax_scale=None, tile=None):
+    """(o, lse, mask): the forward with dropout into a poisoned out, checked against the reference
+    built with the helper's mask."""
+    o, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out=poisoned(q.shape, q.dtype.name),
+                             tile=tile, dropout_p=dropout_p, seed=seed, offset=offset)
+    mask = cuflash.dropout_mask(q, k, dropout_p, seed, offset)
+    assert_matches_reference(q, k, v, causal, dropout_p, mask, softmax_scale, o=o, lse=lse)
+    return o, lse, mask
+
+
 def check_dropout(q, k, v, causal, dropout_p, seed, offset=0, softmax_scale=None, deterministic=False,
                   fwd_tile=None, bwd_tile=None, layout="contiguous"):
     """O, lse and (dq, dk, dv) with dropout against the float64 reference given the helper's mask."""
-    dtype = q.dtype.name
-    out = poisoned(q.shape, dtype)
-    o, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out=out, tile=fwd_tile,
-                             dropout_p=dropout_p, seed=seed, offset=offset)
-    mask = cuflash.dropout_mask(q, k, dropout_p, seed, offset)
-    drop = dict(dropout_p=dropout_p, dropout_mask=mask)
-    o_ref, lse_ref = attention_reference(q, k, v, softmax_scale, causal, **drop)
-    o_low, lse_low = attention_reference(q, k, v, softmax_scale, causal, upcast=False, **drop)
-    assert_2x(o, o_ref, o_low, dtype)
-    assert_2x(lse, lse_ref, lse_low, dtype, "lse")
-    dout = randn(q.shape, dtype, layout, seed % 2**20 + 7)
+    o, lse, mask = check_dropout_forward(q, k, v, causal, dropout_p, seed, offset, softmax_scale, fwd_tile)
+    dout = randn(q.shape, q.dtype.name, layout, seed % 2**20 + 7)
     grads = cuflash.backward(dout, q, k, v, o, lse, softmax_scale=softmax_scale, causal=causal,
                              deterministic=deterministic, tile=bwd_tile, dropout_p=dropout_p, seed=seed, offset=offset)
-    ref = attention_reference_backward(dout, q, k, v, softmax_scale, causal, **drop)
-    low = attention_reference_backward(dout, q, k, v, softmax_scale, causal, upcast=False, **drop)
-    for name, got, r, lo in zip(("dq", "dk", "dv"), grads, ref, low):
-        assert_2x(got, r, lo, dtype, name)
+    assert_matches_reference(q, k, v, causal, dropout_p, mask, softmax_scale, dout=dout, grads=grads)
     return o, grads
 
 
@@ -78,13 +95,7 @@ def test_every_dropout_variant(variant):
 @pytest.mark.parametrize("variant", [v for v in plan.forward_variants() if v.dropout], ids=repr)
 def test_every_forward_dropout_variant(variant):
     q, k, v = qkv(2, 113, 203, 4, 2, variant.head_dim, variant.dtype)
-    mask = cuflash.dropout_mask(q, k, 0.3, 99)
-    o, lse = cuflash.forward(q, k, v, causal=variant.causal, tile=variant.tile, dropout_p=0.3, seed=99,
-                             out=poisoned(q.shape, variant.dtype))
-    ref = attention_reference(q, k, v, None, variant.causal, dropout_p=0.3, dropout_mask=mask)
-    low = attention_reference(q, k, v, None, variant.causal, upcast=False, dropout_p=0.3, dropout_mask=mask)
-    assert_2x(o, ref[0], low[0], variant.dtype)
-    assert_2x(lse, ref[1], low[1], variant.dtype, "lse")
+    check_dropout_forward(q, k, v, variant.causal, 0.3, 99, tile=variant.tile)
 
 
 @settings(max_examples=60, deadline=None)
@@ -156,14 +167,8 @@ def test_torch_generator_reproduces_and_advances(torch):
     mask = cuflash.dropout_mask(qc, kc, 0.3, seed, offset)
     dout = torch.randn_like(first)
     first.backward(dout)
-    doc = cupy.from_dlpack(dout)
-    ref = attention_reference_backward(doc, qc, kc, vc, None, True, dropout_p=0.3, dropout_mask=mask)
-    low = attention_reference_backward(doc, qc, kc, vc, None, True, upcast=False, dropout_p=0.3, dropout_mask=mask)
-    o_ref = attention_reference(qc, kc, vc, None, True, dropout_p=0.3, dropout_mask=mask)[0]
-    o_low = attention_reference(qc, kc, vc, None, True, upcast=False, dropout_p=0.3, dropout_mask=mask)[0]
-    assert_2x(cupy.from_dlpack(first.detach()), o_ref, o_low, "float16")
-    for name, x, r, lo in zip(("dq", "dk", "dv"), (q, k, v), ref, low):
-        assert_2x(cupy.from_dlpack(x.grad), r, lo, "float16", name)
+    assert_matches_reference(qc, kc, vc, True, 0.3, mask, o=cupy.from_dlpack(first.detach()),
+                             dout=cupy.from_dlpack(dout), grads=[cupy.from_dlpack(x.grad) for x in (q, k, v)])
 
 
 def test_torch_explicit_seed_and_compile(torch):
@@ -192,10 +197,7 @@ def test_jax_grads_with_dropout(jax, mode):
     qc, kc, vc = (cupy.from_dlpack(x) for x in (q, k, v))
     mask = cuflash.dropout_mask(qc, kc, 0.3, seed)
     dout = reference.from_float32(cupy.ones(qc.shape, cupy.float32), "bfloat16")
-    ref = attention_reference_backward(dout, qc, kc, vc, None, True, dropout_p=0.3, dropout_mask=mask)
-    low = attention_reference_backward(dout, qc, kc, vc, None, True, upcast=False, dropout_p=0.3, dropout_mask=mask)
-    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref, low):
-        assert_2x(cupy.from_dlpack(g), r, lo, "bfloat16", name)
+    assert_matches_reference(qc, kc, vc, True, 0.3, mask, dout=dout, grads=[cupy.from_dlpack(g) for g in grads])
     if mode == "jit":
         other = jax.jit(grad)(q, k, v, jax.random.key_data(jax.random.PRNGKey(43)))
         assert not np.array_equal(np.asarray(other[0], np.float32), np.asarray(grads[0], np.float32))
