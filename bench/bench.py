@@ -58,11 +58,14 @@ ACCEPT_SEQLEN = 2048           # the summary's geomeans (and acceptance) use seq
 TILE_SEQLENS = (4096, 16384)
 # FwdTile(block_m, block_n, num_warps) candidates per head dim for --tiles (the table's default
 # is always timed too). A candidate that does not fit (registers, shared memory) shows its error.
+# Pairs are HopperFwdTile(block_m, block_n) candidates of the sm_90a kernel (compute capability 9.0).
 TILE_CANDIDATES = {
-    64: [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2)],
-    128: [(128, 64, 4, 2), (128, 32, 4, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+    64: [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2),
+         (128, 128), (192, 128), (128, 64), (64, 128)],
+    128: [(128, 64, 4, 2), (128, 32, 4, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2),
+          (128, 128), (128, 64), (64, 128), (192, 64)],
     192: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-    256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (128, 64), (64, 64)],
 }
 # BwdTile(block_m, block_n, num_warps, dq_block_n, sdp_wm, kv_wm, dq_wm) candidates for --tiles
 # --pass bwd, timed with deterministic=False (the table's default is always timed too).
@@ -90,9 +93,10 @@ QUICK_RUN_BUDGET_MS = 100.0
 # timed run; the backward regenerates the forward's mask from the same seed.
 DROPOUT_SEED = 0
 
-BACKENDS = ("cuflash", "sdpa-flash", "sdpa-cudnn", "naive")
+BACKENDS = ("cuflash", "cuflash-portable", "sdpa-flash", "sdpa-cudnn", "naive")
 BWD_BACKENDS = ("cuflash", "cuflash-det", "sdpa-flash", "sdpa-cudnn")
-PLOT_STYLE = {"cuflash": "C0", "sdpa-flash": "C1", "sdpa-cudnn": "C2", "naive": "C3", "cuflash-det": "C4"}
+PLOT_STYLE = {"cuflash": "C0", "sdpa-flash": "C1", "sdpa-cudnn": "C2", "naive": "C3", "cuflash-det": "C4",
+              "cuflash-portable": "C5"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +351,16 @@ def make_cuflash(q, k, v, causal, dropout_p=0.0, tile=None):
     return lambda: cuflash.forward(q, k, v, causal=causal, tile=tile, dropout_p=dropout_p, seed=DROPOUT_SEED)[0]
 
 
+def make_cuflash_portable(q, k, v, causal, dropout_p=0.0):
+    """cuflash's portable (mma.sync) forward, forced by its table tile: on an H100 the default
+    "cuflash" runs the sm_90a kernels where the head dim has one."""
+    from cuflash import plan
+
+    dtype = str(q.dtype).removeprefix("torch.")
+    tile = plan.forward_variant(dtype, q.shape[-1], causal, dropout=dropout_p > 0).tile
+    return make_cuflash(q, k, v, causal, dropout_p, tile=tile)
+
+
 def make_sdpa(backend_name):
     def make(q, k, v, causal, dropout_p=0.0):
         import torch.nn.functional as F
@@ -388,6 +402,7 @@ def make_naive(q, k, v, causal, dropout_p=0.0):
 
 MAKERS = {
     "cuflash": make_cuflash,
+    "cuflash-portable": make_cuflash_portable,
     "sdpa-flash": make_sdpa("FLASH_ATTENTION"),
     "sdpa-cudnn": make_sdpa("CUDNN_ATTENTION"),
     "naive": make_naive,
@@ -578,13 +593,15 @@ TILE_FIELDS = {"fwd": "(block_m, block_n, num_warps, stages)",
 
 def tile_candidates(head_dim, pass_):
     """[(tile, is_default)]: the plan's tile for head_dim first, then the other candidates."""
-    from cuflash.plan import BWD_TILES, FWD_TILES, BwdTile, FwdTile, head_dim_bucket
+    from cuflash.plan import BWD_TILES, FWD_TILES, HOPPER_FWD_TILES, BwdTile, FwdTile, HopperFwdTile, head_dim_bucket
 
-    table, tile_type, listed = ((FWD_TILES, FwdTile, TILE_CANDIDATES) if pass_ == "fwd"
-                                else (BWD_TILES, BwdTile, BWD_TILE_CANDIDATES))
-    default = table[head_dim_bucket(head_dim)]
-    tiles = [default] + [tile_type(*t) for t in listed.get(head_dim, ()) if tile_type(*t) != default]
-    return [(tile, tile == default) for tile in tiles]
+    bucket = head_dim_bucket(head_dim)
+    if pass_ == "fwd":
+        defaults = [FWD_TILES[bucket]] + ([HOPPER_FWD_TILES[bucket]] if bucket in HOPPER_FWD_TILES else [])
+        listed = [HopperFwdTile(*t) if len(t) == 2 else FwdTile(*t) for t in TILE_CANDIDATES.get(head_dim, ())]
+    else:
+        defaults, listed = [BWD_TILES[bucket]], [BwdTile(*t) for t in BWD_TILE_CANDIDATES.get(head_dim, ())]
+    return [(tile, True) for tile in defaults] + [(tile, False) for tile in listed if tile not in defaults]
 
 
 def tile_rows(pass_, dtype, head_dim, causal, seqlen, candidates, flush, budget_ms):

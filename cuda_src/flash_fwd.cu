@@ -8,8 +8,7 @@
 // kStages - 1 iterations before it is used, so its load hides behind whole iterations of math.
 // With IS_DROPOUT, the P that feeds P V has its dropped entries zeroed (m and l, hence lse, stay
 // those of the undropped P) and O is scaled by 1 / (1 - p) once, in the epilogue.
-#include "warp_gemm.cuh"
-#include "philox.cuh"
+#include "online_softmax.cuh"
 
 // Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL, IS_DROPOUT.
 constexpr int kBlockM = BLOCK_M;
@@ -22,8 +21,6 @@ constexpr int kNT = BLOCK_N / 8;        // n8 column tiles of S
 constexpr int kDT = HEAD_DIM / 8;       // n8 column tiles of O
 static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0, "P V consumes keys 16 at a time");
-
-constexpr float kLn2 = 0.6931471805599453f;
 
 extern "C" __global__ void __launch_bounds__(kThreads)
 flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
@@ -100,65 +97,11 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
         zero(acc_s);
         warp_gemm_ss<kMT, kNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
 
-        // S = -inf where the key is invisible (past seqlen_k, or right of the causal diagonal).
-        if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) {
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = m0 + warp_row0 + acc_row(mt, e), col = n0 + acc_col(nt, e);
-                        if (!visible(row, col, seqlen_k, diag)) acc_s[mt][nt][e] = neg_inf();
-                    }
-        }
-
-        // Online softmax: m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new);
-        // l_i = l_i * exp2(m_i - m_new) + rowsum(P); acc_o *= exp2(m_i - m_new).
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                float mx = neg_inf();
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-                    mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * hh], acc_s[mt][nt][2 * hh + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                const float m_new = fmaxf(m_i[mt][hh], mx * scale_log2);
-                // A row that has seen only masked keys keeps m = -inf; subtract 0 to avoid inf - inf.
-                const float m_use = m_new == neg_inf() ? 0.f : m_new;
-                const float alpha = ptx::exp2_approx(m_i[mt][hh] - m_use);
-                m_i[mt][hh] = m_new;
-                float rowsum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-                        acc_s[mt][nt][e] = ptx::exp2_approx(fmaf(acc_s[mt][nt][e], scale_log2, -m_use));
-                        rowsum += acc_s[mt][nt][e];
-                    }
-                l_i[mt][hh] = l_i[mt][hh] * alpha + rowsum;
-#pragma unroll
-                for (int dt = 0; dt < kDT; ++dt) {
-                    acc_o[mt][dt][2 * hh] *= alpha;
-                    acc_o[mt][dt][2 * hh + 1] *= alpha;
-                }
-            }
-        }
-
-        if (IS_DROPOUT) {
-            const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt) {
-                    const unsigned keep = dropout::keep_bits_qk(rng, bh, m0 + warp_row0 + mt * 16, n0 + nt * 8);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (!(keep >> e & 1)) acc_s[mt][nt][e] = 0.f;
-                }
-        }
+        if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, seqlen_k, diag);
+        float alpha[kMT][2];
+        softmax_update(acc_s, m_i, l_i, alpha, scale_log2);
+        rescale_rows(acc_o, alpha);
+        if (IS_DROPOUT) drop_scores(acc_s, dropout::Rng{seed_lo, seed_hi, rng_offset, keep_threshold}, bh, m0 + warp_row0, n0);
 
         // O += P V_j   (Br, d); P rounded to the input type, straight from the S registers.
         unsigned p[kMT][kBlockN / 16][4];
@@ -166,28 +109,9 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
         warp_gemm_rs<kMT, kDT, kBlockN, true>(acc_o, p, sVj, kPitch);
     }
 
-    // O = acc_o / l (/ (1 - p)); lse = ln(l) + m * ln(2). A row that saw no key gets O = 0 and lse = -inf.
     // Each warp stages only its own rows of sQ, which only it has read; the trailing cp.async
-    // groups are empty.
-    float* gLse = lse + static_cast<int64>(bh) * seqlen_q;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float l = l_i[mt][hh];
-            l += __shfl_xor_sync(0xffffffff, l, 1);
-            l += __shfl_xor_sync(0xffffffff, l, 2);
-            const float inv_l = l > 0.f ? (IS_DROPOUT ? rp_dropout : 1.f) / l : 0.f;
-#pragma unroll
-            for (int dt = 0; dt < kDT; ++dt) {
-                acc_o[mt][dt][2 * hh] *= inv_l;
-                acc_o[mt][dt][2 * hh + 1] *= inv_l;
-            }
-            const int r = m0 + warp_row0 + acc_row(mt, 2 * hh);
-            if (threadIdx.x % 4 == 0 && r < seqlen_q)
-                gLse[r] = l > 0.f ? m_i[mt][hh] * kLn2 + logf(l) : neg_inf();
-        }
-    }
+    // groups are empty. rp_dropout is 1 / (1 - p), and 1 without dropout.
+    normalize_rows(acc_o, m_i, l_i, rp_dropout, lse + static_cast<int64>(bh) * seqlen_q, m0 + warp_row0, seqlen_q);
     store_acc(sQ + warp_row0 * kPitch, kPitch, acc_o, 1.f);
     __syncthreads();
     store_tile<kBlockM, kThreads>(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride,

@@ -80,4 +80,93 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
     return *reinterpret_cast<unsigned*>(&h);
 }
 
+// ---- Hopper (sm_90a only: these assemble for no other target) ------------------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if IS_BF16
+#define WGMMA_AB "bf16"
+#else
+#define WGMMA_AB "f16"
+#endif
+
+// Make this thread's ordinary shared-memory writes visible to the async proxy (wgmma, TMA).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Order this warpgroup's register writes before the wgmma that reads them (accumulators, A).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// Close the group of wgmma issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// Wait until at most N groups of this warpgroup's wgmma are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+
+// Pin a register the async tensor cores write or read: the compiler may neither move its uses
+// across a wgmma_wait nor reuse it while a wgmma is in flight.
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+__device__ __forceinline__ void fence_reg(unsigned& r) { asm volatile("" : "+r"(r) :: "memory"); }
+
+// Accumulator operands of wgmma m64nNk16: n8 tile j of d[N / 8][4], 4 registers in the mma C layout.
+#define WG_ACC(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define WG_ACC8(j) WG_ACC(j), WG_ACC(j + 1), WG_ACC(j + 2), WG_ACC(j + 3), WG_ACC(j + 4), WG_ACC(j + 5), WG_ACC(j + 6), WG_ACC(j + 7)
+#define WG_D32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define WG_D64 WG_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WG_D128 WG_D64 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
+    ", %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+
+// D (64 x N, fp32) = A * B (+ D if scale_d): wgmma m64nNk16 of one warpgroup. ss: A and B by
+// shared-memory descriptors (A K-major); rs: A from registers in the mma A layout (4 per thread).
+// TRANS_B = 1 reads B N-major ((k, n) rows), 0 K-major ((n, k) rows).
+template <int N> struct Wgmma;
+
+template <> struct Wgmma<64> {
+    template <int TRANS_B>
+    static __device__ __forceinline__ void ss(float (&d)[8][4], unsigned long long a, unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D32 "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+                     : WG_ACC8(0)
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+    }
+    template <int TRANS_B>
+    static __device__ __forceinline__ void rs(float (&d)[8][4], const unsigned (&a)[4], unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D32 "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                     : WG_ACC8(0)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+    }
+};
+template <> struct Wgmma<128> {
+    template <int TRANS_B>
+    static __device__ __forceinline__ void ss(float (&d)[16][4], unsigned long long a, unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D64 "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+                     : WG_ACC8(0), WG_ACC8(8)
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+    }
+    template <int TRANS_B>
+    static __device__ __forceinline__ void rs(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D64 "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                     : WG_ACC8(0), WG_ACC8(8)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+    }
+};
+template <> struct Wgmma<256> {
+    template <int TRANS_B>
+    static __device__ __forceinline__ void ss(float (&d)[32][4], unsigned long long a, unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D128 "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
+                     : WG_ACC8(0), WG_ACC8(8), WG_ACC8(16), WG_ACC8(24)
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+    }
+    template <int TRANS_B>
+    static __device__ __forceinline__ void rs(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D128 "}, {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
+                     : WG_ACC8(0), WG_ACC8(8), WG_ACC8(16), WG_ACC8(24)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+    }
+};
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 }  // namespace ptx

@@ -16,7 +16,9 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
 
     Returns (o, lse) in the caller's framework: o like q, lse float32 (batch, nheads, seqlen_q)
     in natural log; a query row that sees no key gets o = 0 and lse = -inf. `out` receives O if
-    given. `tile` (a plan.FwdTile) overrides the tile table, for tuning. No autograd is recorded:
+    given. `tile` overrides the tile table, for tuning: a plan.FwdTile runs the portable kernel, a
+    plan.HopperFwdTile the sm_90a one (which compute capability 9.0 gets by default; the
+    environment variable CUFLASH_PORTABLE=1 turns that off). No autograd is recorded:
     flash_attn_func is the differentiable entry.
 
     dropout_p in [0, 1) drops entries of P with the keep mask of (seed, offset) (an int seed is
@@ -33,7 +35,7 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
     if out is not None:
         out_info = interop.describe(out, "out")
         validate.check_out(out_info, q_info)
-    variant = plan.forward_variant(q_info.dtype, head_dim, causal, tile, dropout=dropout_p > 0)
+    plan.forward_variant(q_info.dtype, head_dim, causal, tile, dropout=dropout_p > 0)  # a bad `tile` raises here
 
     with interop.caller_stream(q_info) as stream:
         empty = interop.allocator(q_info)
@@ -49,7 +51,7 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
             # cp.async moves 16-byte rows: the rare view whose rows are not 16-byte aligned is copied.
             operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
                         for x, info in operands]
-            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, stream, variant.tile,
+            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, stream, tile,
                            dropout_p, seed, offset)
     return interop.export(native_o, q_info.framework), interop.export(native_lse, q_info.framework)
 
@@ -147,13 +149,14 @@ def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, T
     import cupy
 
     from . import compile as compile_
-    from .forward import smem_limit
+    from .forward import smem_limit, use_hopper
 
     device_id = cupy.cuda.Device().id if device is None else int(device)
     start = time.perf_counter()
     for dtype in dtypes:
         for head_dim in head_dims:
             for is_causal in causal:
-                variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=smem_limit(device_id))
+                variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=smem_limit(device_id),
+                                               hopper=use_hopper(device_id))
                 compile_.get_function(compile_.forward_program(variant), device_id)
     return time.perf_counter() - start

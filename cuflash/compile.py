@@ -9,6 +9,8 @@ import re
 import threading
 from pathlib import Path
 
+from . import plan
+
 _HERE = Path(__file__).resolve().parent
 # Installed: cuda_src ships inside the package; in a source checkout it sits beside it.
 SRC_DIR = next((p for p in (_HERE / "cuda_src", _HERE.parent / "cuda_src") if p.is_dir()), _HERE / "cuda_src")
@@ -36,15 +38,23 @@ def _program(file, variant, names, **defines):
     the caller adds -arch."""
     tile = variant.tile
     defines = {"HEAD_DIM": variant.head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
-               "NWARPS": tile.num_warps, "IS_CAUSAL": int(variant.causal), "IS_DROPOUT": int(variant.dropout),
+               "NWARPS": tile.threads // 32, "IS_CAUSAL": int(variant.causal), "IS_DROPOUT": int(variant.dropout),
                "IS_BF16": int(variant.dtype == "bfloat16"), **defines}
     options = ("--std=c++17",) + tuple(f"-D{key}={value}" for key, value in defines.items())
     return flatten_source(file), options, names
 
 
+# wgmma and setmaxnreg exist only in sm_90a code. Given in the options, it overrides the -arch=sm_90
+# that CuPy adds for an H100.
+HOPPER_ARCH_OPTION = "-arch=sm_90a"
+
+
 @functools.lru_cache(maxsize=None)
 def forward_program(variant):
     """(source, options, kernel name) of a forward variant."""
+    if plan.is_hopper(variant):
+        source, options, name = _program("flash_fwd_sm90.cu", variant, "flash_fwd_sm90")
+        return source, options + (HOPPER_ARCH_OPTION,), name
     return _program("flash_fwd.cu", variant, "flash_fwd", STAGES=variant.tile.stages)
 
 

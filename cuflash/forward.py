@@ -1,5 +1,6 @@
 """Forward launcher: picks the kernel variant and tiles, checks shared memory, launches the grid."""
 import functools
+import os
 import threading
 
 from . import compile as compile_
@@ -24,7 +25,11 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
-    variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0)
+    variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0,
+                                   hopper=use_hopper(device_id))
+    if plan.is_hopper(variant) and compute_capability(device_id) != 90:
+        raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
+                         f"is {compute_capability(device_id)}")
     kernel, smem = _prepare(variant, device_id)
     m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
     grid = batch * nheads * m_blocks
@@ -59,6 +64,19 @@ def _prepare(variant, device_id):
         kernel.max_dynamic_shared_size_bytes = smem
         _prepared[key] = (kernel, smem)
     return kernel, smem
+
+
+def use_hopper(device_id):
+    """True where the sm_90a kernels run: compute capability 9.0, unless the environment variable
+    CUFLASH_PORTABLE is set to anything but "" or "0" (to compare or debug the portable path)."""
+    return compute_capability(device_id) == 90 and os.environ.get("CUFLASH_PORTABLE", "0") in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def compute_capability(device_id):
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).compute_capability)
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,6 +41,29 @@ class FwdTile:
 
 
 @dataclass(frozen=True)
+class HopperFwdTile:
+    """Br x Bc tile of the sm_90a forward kernel (cuda_src/flash_fwd_sm90.cu): Br / 64 warpgroups
+    of 128 threads, each owning 64 query rows; K and V double-buffered."""
+
+    block_m: int
+    block_n: int
+
+    def check(self, bucket):
+        if self.block_m not in (64, 128, 192):
+            raise ValueError(f"tile: block_m={self.block_m} must be 64, 128 or 192 (1-3 warpgroups of 64 rows)")
+        if self.block_n not in HOPPER_WGMMA_N:
+            raise ValueError(f"tile: block_n={self.block_n} must be one of {HOPPER_WGMMA_N} (the wgmma widths compiled)")
+        if bucket not in HOPPER_HEAD_DIMS:
+            raise ValueError(f"head-dim bucket {bucket} has no sm_90a kernel (those are {HOPPER_HEAD_DIMS})")
+        if (self.threads // (bucket // 8)) % 8:
+            raise ValueError(f"tile: {self.threads} threads cannot copy d={bucket} rows in whole 8-row swizzle phases")
+
+    @property
+    def threads(self):
+        return 2 * self.block_m
+
+
+@dataclass(frozen=True)
 class FwdVariant:
     """Everything that selects one compiled forward kernel."""
 
@@ -74,6 +97,15 @@ FWD_TILES = {
 # H100) (128, 64, 4) runs 155 TFLOP/s against 131 for the table's (128, 128, 4). Other buckets keep
 # their tiles, which measured best with dropout too (d128: 211 vs 202 for (128, 32, 4)).
 FWD_DROPOUT_TILES = {64: FwdTile(128, 64, 4)}
+# The sm_90a forward (wgmma), picked on compute capability 9.0 for these buckets. Registers per
+# thread: O takes d/2, S Bc/2, P (two tiles in flight) Bc/2.
+HOPPER_FWD_TILES = {
+    64: HopperFwdTile(128, 128),
+    128: HopperFwdTile(128, 128),
+    256: HopperFwdTile(128, 64),    # O alone is 128 registers
+}
+HOPPER_HEAD_DIMS = tuple(HOPPER_FWD_TILES)
+HOPPER_WGMMA_N = (64, 128, 256)  # ptx::Wgmma<N> of cuda_src/ptx.cuh: S = Q K^T is Bc wide, O d wide
 SMEM_OPTIN_BY_CC = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
@@ -86,7 +118,10 @@ def head_dim_bucket(head_dim):
 
 
 def forward_smem_bytes(head_dim, tile):
-    """Shared memory of the forward kernel: a Q tile and `stages` K and V tiles, rows padded by 16 bytes."""
+    """Shared memory of the forward kernel: a Q tile and `stages` K and V tiles, rows padded by 16
+    bytes; the sm_90a kernel's tiles are swizzled, unpadded, and 1024-byte aligned by 1 KB of slack."""
+    if isinstance(tile, HopperFwdTile):
+        return (tile.block_m + 4 * tile.block_n) * head_dim * 2 + 1024
     pitch_bytes = (head_dim + 8) * 2
     return (tile.block_m + 2 * tile.stages * tile.block_n) * pitch_bytes
 
@@ -104,10 +139,14 @@ def fit_tile(tile, head_dim, smem_limit):
     return tile
 
 
-def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout=False):
+def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout=False, hopper=False):
     """The variant that runs (dtype, caller's head_dim, causal, dropout) on a GPU with smem_limit
-    bytes of opt-in shared memory per block; `tile` overrides the table (and is then not shrunk)."""
+    bytes of opt-in shared memory per block: the sm_90a kernel if `hopper` and the bucket has
+    one, else the portable one. `tile` overrides the table (and is then not shrunk); its type
+    (FwdTile or HopperFwdTile) picks the kernel."""
     bucket = head_dim_bucket(head_dim)
+    if tile is None and hopper and bucket in HOPPER_FWD_TILES:
+        tile = HOPPER_FWD_TILES[bucket]
     if tile is None:
         tile = FWD_DROPOUT_TILES.get(bucket, FWD_TILES[bucket]) if dropout else FWD_TILES[bucket]
         tile = tile if smem_limit is None else fit_tile(tile, bucket, smem_limit)
@@ -116,12 +155,17 @@ def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout
 
 
 def forward_variants():
-    """Every forward variant the dispatcher can pick on any sm_80+ GPU (CI compiles each for
-    sm_80 and sm_90a)."""
+    """Every forward variant the dispatcher can pick on any sm_80+ GPU (CI compiles each portable
+    one for sm_80 and sm_90a, each Hopper one for sm_90a)."""
     limits = sorted(set(SMEM_OPTIN_BY_CC.values()))
-    return sorted({forward_variant(dtype, bucket, causal, smem_limit=limit, dropout=dropout)
+    return sorted({forward_variant(dtype, bucket, causal, smem_limit=limit, dropout=dropout, hopper=hopper)
                    for dtype in DTYPES for bucket in HEAD_DIM_BUCKETS for causal in (False, True)
-                   for dropout in (False, True) for limit in limits}, key=repr)
+                   for dropout in (False, True) for limit in limits for hopper in (False, True)}, key=repr)
+
+
+def is_hopper(variant):
+    """True for a variant of the sm_90a kernel family."""
+    return isinstance(variant.tile, HopperFwdTile)
 
 
 def num_m_blocks(seqlen_q, tile):

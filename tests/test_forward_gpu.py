@@ -1,7 +1,12 @@
 """GPU: the forward against the float64 reference (2x rule), from CuPy, PyTorch and JAX callers.
 
-Outputs are poisoned with NaN before each launch so an unwritten element fails the test.
+Outputs are poisoned with NaN before each launch so an unwritten element fails the test. The fuzz
+and edge-shape tests run each problem on both kernel families: the default (the sm_90a kernels on
+a compute capability 9.0 GPU, for the head dims that have one) and the portable one.
 """
+import contextlib
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -30,6 +35,23 @@ def randn(shape, dtype, layout="contiguous", seed=0):
             "padded": lambda: x[..., :d]}[layout]()
 
 
+PATHS = ["default", "portable"]
+
+
+@contextlib.contextmanager
+def forward_path(path):
+    """Run the forward on `path` ("portable" sets CUFLASH_PORTABLE=1) for the duration."""
+    saved = os.environ.get("CUFLASH_PORTABLE")
+    os.environ["CUFLASH_PORTABLE"] = "1" if path == "portable" else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUFLASH_PORTABLE"]
+        else:
+            os.environ["CUFLASH_PORTABLE"] = saved
+
+
 def poisoned(shape, dtype):
     return from_float32(cupy.full(shape, cupy.nan, dtype=cupy.float32), dtype)
 
@@ -56,6 +78,8 @@ def qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, layout="co
 def test_every_variant(variant, seqlens):
     """Every variant the dispatcher can pick on any sm_80+ GPU (tiles shrunk for small shared
     memories included), at awkward sizes."""
+    if plan.is_hopper(variant) and cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU")
     check_forward(*qkv(2, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal, tile=variant.tile)
 
 
@@ -79,19 +103,24 @@ def problems(max_seqlen=2000, max_batch=3, max_scores=6e7, groups=(1, 2, 3, 4, 8
     return draw_problem()
 
 
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None)
 @given(problems())
-def test_forward_fuzz(p):
+def test_forward_fuzz(path, p):
     q, k, v = qkv(p["batch"], p["seqlen_q"], p["seqlen_k"], p["nheads"], p["nheads_k"], p["head_dim"],
                   p["dtype"], p["layout"], p["seed"])
-    check_forward(q, k, v, p["causal"], p["softmax_scale"])
+    with forward_path(path):
+        check_forward(q, k, v, p["causal"], p["softmax_scale"])
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 239, 1), (1, 1, 239), (2, 4000, 4000), (1, 3, 4099)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_edge_shapes(shape, causal):
+def test_edge_shapes(shape, causal, head_dim, path):
     batch, seqlen_q, seqlen_k = shape
-    check_forward(*qkv(batch, seqlen_q, seqlen_k, 8, 1, 128, "bfloat16", seed=seqlen_k), causal)
+    with forward_path(path):
+        check_forward(*qkv(batch, seqlen_q, seqlen_k, 8, 1, head_dim, "bfloat16", seed=seqlen_k), causal)
 
 
 def test_misaligned_rows_are_copied_and_stay_exact():

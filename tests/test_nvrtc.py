@@ -39,7 +39,7 @@ def _variant_id(variant):
     tile = variant.tile
     mode = ("-det" if getattr(variant, "deterministic", False) else "") + ("-dropout" if variant.dropout else "")
     return (f"{variant.dtype}-d{variant.head_dim}-{'causal' if variant.causal else 'full'}{mode}"
-            f"-{tile.block_m}x{tile.block_n}w{tile.num_warps}")
+            f"-{tile.block_m}x{tile.block_n}w{tile.threads // 32}{'-sm90' if isinstance(tile, plan.HopperFwdTile) else ''}")
 
 
 def nvrtc_compile(program, arch):
@@ -57,10 +57,26 @@ def nvrtc_compile(program, arch):
 
 
 @needs_cuda_headers
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", plan.forward_variants(), ids=_variant_id)
+@pytest.mark.parametrize("variant, arch", [(variant, arch) for variant in plan.forward_variants()
+                                           for arch in (("sm_90a",) if plan.is_hopper(variant) else ARCHS)],
+                         ids=lambda x: x if isinstance(x, str) else _variant_id(x))
 def test_variant_compiles(variant, arch):
     check_program(compile_.forward_program(variant), arch)
+
+
+@needs_cuda_headers
+def test_hopper_kernel_refuses_other_targets():
+    """The sm_90a kernel names its target when compiled for another, instead of failing in ptxas."""
+    variant = next(v for v in plan.forward_variants() if plan.is_hopper(v))
+    source, options, _ = compile_.forward_program(variant)
+    prog = nvrtc.createProgram(source, "cuflash.cu", [], [])
+    try:
+        with pytest.raises(nvrtc.NVRTCError):
+            nvrtc.compileProgram(prog, [*(o for o in options if not o.startswith("-arch")), "-arch=sm_80",
+                                        f"-I{CUDA_INCLUDE}"])
+        assert "needs -arch=sm_90a" in nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
 
 
 @needs_cuda_headers
@@ -111,7 +127,9 @@ def _walk(flat):
 ALL_HEADERS = {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix == ".cuh"}
 
 
-@pytest.mark.parametrize("kernel, headers", [("flash_fwd.cu", ALL_HEADERS), ("flash_bwd.cu", ALL_HEADERS),
+@pytest.mark.parametrize("kernel, headers", [("flash_fwd.cu", ALL_HEADERS - {"warpgroup_gemm.cuh"}),
+                                             ("flash_fwd_sm90.cu", ALL_HEADERS),
+                                             ("flash_bwd.cu", ALL_HEADERS - {"warpgroup_gemm.cuh", "online_softmax.cuh"}),
                                              ("dropout_mask.cu", {"philox.cuh"})])
 def test_flatten_maps_every_line_to_its_real_file(kernel, headers):
     """Every line of a flattened kernel sits under a #line marker naming the real file and line;

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cuflash import plan
-from cuflash.plan import FwdTile
+from cuflash.plan import FwdTile, HopperFwdTile
 
 H100_SMEM_OPTIN = 232448  # bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (227 KB)
 
@@ -118,6 +118,54 @@ def test_tile_check_rejects_empty(tile):
 
 def test_tile_threads():
     assert FwdTile(128, 64, 8).threads == 256 and FwdTile(64, 64, 4).threads == 128
+
+
+# ---- the sm_90a forward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bucket", plan.HEAD_DIM_BUCKETS)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_hopper_dispatch(bucket, dropout):
+    """On compute capability 9.0 the buckets with an sm_90a kernel get it, the others the portable
+    one; elsewhere (hopper=False) nothing changes. Either way CI compiles the pick."""
+    variant = plan.forward_variant("bfloat16", bucket, True, smem_limit=H100_SMEM_OPTIN, dropout=dropout, hopper=True)
+    assert plan.is_hopper(variant) == (bucket in plan.HOPPER_HEAD_DIMS)
+    assert variant in plan.forward_variants()
+    assert not plan.is_hopper(plan.forward_variant("bfloat16", bucket, True, smem_limit=H100_SMEM_OPTIN, dropout=dropout))
+
+
+def test_hopper_head_dims_below_a_bucket_are_padded():
+    variant = plan.forward_variant("float16", 100, False, hopper=True)
+    assert variant.head_dim == 128 and variant.tile == plan.HOPPER_FWD_TILES[128]
+
+
+def test_tile_type_picks_the_kernel_family():
+    assert plan.is_hopper(plan.forward_variant("float16", 64, False, HopperFwdTile(64, 64)))
+    assert not plan.is_hopper(plan.forward_variant("float16", 64, False, FwdTile(64, 64, 4), hopper=True))
+
+
+@pytest.mark.parametrize("bucket", plan.HOPPER_HEAD_DIMS)
+def test_hopper_tiles_are_legal_and_fit_h100(bucket):
+    tile = plan.HOPPER_FWD_TILES[bucket]
+    tile.check(bucket)
+    assert plan.forward_smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
+
+
+def test_hopper_smem_bytes():
+    # Q (128 rows) and two K and two V tiles (128 rows each) of 128 unpadded halves, plus 1 KB of alignment slack.
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128) * 128 * 2 + 1024
+
+
+@pytest.mark.parametrize("tile, bucket, message", [
+    (HopperFwdTile(96, 128), 128, "block_m"),
+    (HopperFwdTile(256, 128), 128, "block_m"),
+    (HopperFwdTile(128, 24), 128, "block_n"),
+    (HopperFwdTile(128, 96), 128, "block_n"),       # no wgmma n = 96 wrapper
+    (HopperFwdTile(128, 128), 96, "bucket"),
+    (HopperFwdTile(192, 64), 256, "swizzle"),   # 384 threads over 32 chunks a row: 12-row steps
+], ids=str)
+def test_hopper_tile_check_rejects(tile, bucket, message):
+    with pytest.raises(ValueError, match=message):
+        tile.check(bucket)
 
 
 # ---- backward ---------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+// The online softmax of the forward kernels, on one warp's scores in the mma C layout
+// (MT m16 row tiles x NT n8 key tiles; acc_row/acc_col give the coordinates), with its running
+// statistics m (row max of S * scale * log2 e) and l (row sum of P, partial over the thread's
+// columns). The mma.sync and the wgmma kernels keep S, P and O in this same layout.
+#pragma once
+#include "warp_gemm.cuh"
+#include "philox.cuh"
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+// S = -inf where the key is invisible (past seqlen_k, or right of the causal diagonal); row0 is
+// the warp's first query row, n0 the tile's first key.
+template <int MT, int NT>
+__device__ __forceinline__ void mask_scores(float (&s)[MT][NT][4], int row0, int n0, int seqlen_k, int diag) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (!visible(row0 + acc_row(mt, e), n0 + acc_col(nt, e), seqlen_k, diag)) s[mt][nt][e] = neg_inf();
+}
+
+// m_new = max(m, rowmax(S) * scale_log2); S becomes P = exp2(S * scale_log2 - m_new);
+// l = l * alpha + rowsum(P), and alpha = exp2(m - m_new) is the factor O must be rescaled by.
+template <int MT, int NT>
+__device__ __forceinline__ void softmax_update(float (&s)[MT][NT][4], float (&m)[MT][2], float (&l)[MT][2],
+                                               float (&alpha)[MT][2], float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hh], s[mt][nt][2 * hh + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float m_new = fmaxf(m[mt][hh], mx * scale_log2);
+            // A row that has seen only masked keys keeps m = -inf; subtract 0 to avoid inf - inf.
+            const float m_use = m_new == neg_inf() ? 0.f : m_new;
+            alpha[mt][hh] = ptx::exp2_approx(m[mt][hh] - m_use);
+            m[mt][hh] = m_new;
+            float rowsum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
+                    s[mt][nt][e] = ptx::exp2_approx(fmaf(s[mt][nt][e], scale_log2, -m_use));
+                    rowsum += s[mt][nt][e];
+                }
+            l[mt][hh] = l[mt][hh] * alpha[mt][hh] + rowsum;
+        }
+}
+
+// O *= alpha, row by row.
+template <int MT, int DT>
+__device__ __forceinline__ void rescale_rows(float (&o)[MT][DT][4], const float (&alpha)[MT][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][dt][e] *= alpha[mt][e / 2];
+}
+
+// P = 0 where the keep bits of (bh, row, key) drop it (the 1 / (1 - p) waits for the epilogue).
+template <int MT, int NT>
+__device__ __forceinline__ void drop_scores(float (&p)[MT][NT][4], const dropout::Rng& rng, int bh, int row0, int n0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const unsigned keep = dropout::keep_bits_qk(rng, bh, row0 + mt * 16, n0 + nt * 8);
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (!(keep >> e & 1)) p[mt][nt][e] = 0.f;
+        }
+}
+
+// O = O * out_scale / l; lse = ln(l) + m ln 2 for rows < seqlen_q. A row that saw no key gets
+// O = 0 and lse = -inf.
+template <int MT, int DT>
+__device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
+                                               float out_scale, float* lse_bh, int row0, int seqlen_q) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float l = l_part[mt][hh];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv_l = l > 0.f ? out_scale / l : 0.f;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[mt][dt][2 * hh] *= inv_l;
+                o[mt][dt][2 * hh + 1] *= inv_l;
+            }
+            const int r = row0 + acc_row(mt, 2 * hh);
+            if (threadIdx.x % 4 == 0 && r < seqlen_q) lse_bh[r] = l > 0.f ? m[mt][hh] * kLn2 + logf(l) : neg_inf();
+        }
+}

@@ -1,0 +1,110 @@
+// Warpgroup GEMMs on Hopper tensor cores (wgmma, sm_90a), and the shared-memory tiles they read.
+//
+// A (ROWS, HEAD_DIM) tile is stored as HEAD_DIM / 64 panels of (ROWS, 64) elements: 128-byte rows
+// whose 16-byte chunks are permuted, chunk c of row r at c ^ (r % 8). That is wgmma's 128-byte
+// swizzle: the 8 rows of one ldmatrix-like phase hit 8 different bank groups, and every 8 rows
+// form a 1024-byte atom, so tiles start 1024-byte aligned. The same tile serves as a K-major
+// operand (Q, K: rows are the GEMM's m or n, columns its k) or an N-major one (V: rows are k).
+// A warpgroup (4 warps, 128 threads) computes a 64-row accumulator; warp w of it owns rows
+// 16w..16w+15 in the mma C layout (acc_row/acc_col), so the online softmax is shared with the
+// mma.sync kernels.
+#pragma once
+#include "flash_common.cuh"
+
+static_assert(HEAD_DIM % 64 == 0, "swizzled tiles are whole 64-column panels");
+typedef unsigned long long desc_t;
+
+// Element offset of 16-byte chunk `chunk` (of HEAD_DIM / 8) of row r in a swizzled tile.
+template <int ROWS>
+__device__ __forceinline__ int swizzled(int r, int chunk) {
+    return (chunk / 8) * ROWS * 64 + r * 64 + ((chunk % 8) ^ (r % 8)) * 8;
+}
+
+// Async copy of a (ROWS, HEAD_DIM) tile into a swizzled tile, zero-filling rows >= rows_valid
+// and columns >= head_dim as load_tile_async does. Each thread keeps one chunk column and one
+// row phase (r % 8), so its destination advances by a constant.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void load_tile_swizzled(elem_t* s, const elem_t* g, int64 row_stride, int rows_valid, int head_dim) {
+    constexpr int kRowStep = NTHREADS / kChunksPerRow;
+    static_assert(NTHREADS % kChunksPerRow == 0 && kRowStep % 8 == 0, "threads must cover whole 8-row phases");
+    const int c = threadIdx.x % kChunksPerRow, r0 = threadIdx.x / kChunksPerRow;
+    const bool col_valid = c * 8 < head_dim;
+    const elem_t* src = g + r0 * row_stride + c * 8;
+    elem_t* dst = s + swizzled<ROWS>(r0, c);
+    const int64 step = kRowStep * row_stride;
+#pragma unroll
+    for (int i = 0, r = r0; i < (ROWS + kRowStep - 1) / kRowStep; ++i, r += kRowStep, src += step) {
+        if (ROWS % kRowStep == 0 || r < ROWS) {
+            const bool valid = col_valid && r < rows_valid;
+            ptx::cp_async_16(dst + i * kRowStep * 64, valid ? src : g, valid ? 16 : 0);
+        }
+    }
+}
+
+// Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.., into a swizzled tile.
+// The 8 rows a store instruction touches sit in 8 different chunks: no bank conflicts.
+template <int ROWS, int DT>
+__device__ __forceinline__ void store_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = row0 + acc_row(0, 2 * hh), c = acc_col(dt, 0);
+            *reinterpret_cast<unsigned*>(s + swizzled<ROWS>(r, c / 8) + c % 8) =
+                ptx::pack2<elem_t>(acc[0][dt][2 * hh], acc[0][dt][2 * hh + 1]);
+        }
+}
+
+// Copy the first rows_valid rows and head_dim columns of a swizzled tile to global memory.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void store_tile_swizzled(elem_t* g, const elem_t* s, int64 row_stride, int rows_valid, int head_dim) {
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * kChunksPerRow; i += NTHREADS) {
+        const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+        if (r < rows_valid && c * 8 < head_dim)
+            *reinterpret_cast<uint4*>(g + r * row_stride + c * 8) = *reinterpret_cast<const uint4*>(s + swizzled<ROWS>(r, c));
+    }
+}
+
+// wgmma descriptor of a swizzled operand starting at p: 128-byte swizzle (bits 62-63 = 1), 1024
+// bytes between 8-row groups (stride byte offset), `lbo` bytes between 64-column panels (leading
+// byte offset: read only for N-major operands wider than one panel). Addresses are in 16 bytes.
+__device__ __forceinline__ desc_t smem_desc(const elem_t* p, unsigned lbo) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    return static_cast<desc_t>((addr & 0x3FFFF) >> 4) | static_cast<desc_t>(lbo >> 4) << 16 |
+           static_cast<desc_t>(1024 >> 4) << 32 | 1ull << 62;
+}
+
+// acc (64 x N) = A B^T over k = HEAD_DIM, both K-major swizzled tiles (S = Q K^T): sA points at
+// the warpgroup's first row of a ROWS_A-row tile, sB at row 0 of an N-row tile. A k step of 16
+// is 32 bytes along a 128-byte row, then the next panel.
+template <int N, int ROWS_A>
+__device__ __forceinline__ void wg_gemm_abt(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
+    const desc_t a = smem_desc(sA, 16), b = smem_desc(sB, 16);
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        const int col = (kk % 4) * 16;
+        ptx::Wgmma<N>::template ss<0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4),
+                                      b + (((kk / 4) * N * 64 + col) * 2 >> 4), kk > 0);
+    }
+}
+
+// acc (64 x HEAD_DIM) += P V over k = KEYS: P in registers (p[kk], the A fragments of keys
+// 16kk..16kk+15), V a swizzled (KEYS, HEAD_DIM) tile read N-major. A k step is 16 rows (2048 bytes).
+template <int KEYS>
+__device__ __forceinline__ void wg_gemm_pv(float (&acc)[HEAD_DIM / 8][4], const unsigned (&p)[KEYS / 16][4], const elem_t* sV) {
+    const desc_t v = smem_desc(sV, KEYS * 128);
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; ++kk) ptx::Wgmma<HEAD_DIM>::template rs<1>(acc, p[kk], v + (kk * 2048 >> 4), 1);
+}
+
+// Pin every register of an accumulator or fragment array (see ptx::fence_reg).
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void fence_regs(T (&a)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ptx::fence_reg(a[mt][nt][e]);
+}
