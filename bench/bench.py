@@ -58,14 +58,15 @@ ACCEPT_SEQLEN = 2048           # the summary's geomeans (and acceptance) use seq
 TILE_SEQLENS = (4096, 16384)
 # FwdTile(block_m, block_n, num_warps) candidates per head dim for --tiles (the table's default
 # is always timed too). A candidate that does not fit (registers, shared memory) shows its error.
-# Pairs are HopperFwdTile(block_m, block_n) candidates of the sm_90a kernel (compute capability 9.0).
+# Tuples of 2 or 3 are HopperFwdTile(block_m, block_n[, stages]) candidates of the sm_90a kernel
+# (compute capability 9.0).
 TILE_CANDIDATES = {
     64: [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2),
-         (128, 128), (192, 128), (128, 64), (64, 128)],
+         (128, 128, 3), (192, 128), (128, 64, 3), (64, 128)],
     128: [(128, 64, 4, 2), (128, 32, 4, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2),
-          (128, 128), (128, 64), (64, 128), (192, 64)],
+          (128, 128, 3), (128, 64, 3), (128, 64, 4), (64, 128)],
     192: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-    256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (128, 64), (64, 64)],
+    256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64), (64, 64, 3)],
 }
 # BwdTile(block_m, block_n, num_warps, dq_block_n, sdp_wm, kv_wm, dq_wm) candidates for --tiles
 # --pass bwd, timed with deterministic=False (the table's default is always timed too).
@@ -587,7 +588,7 @@ def print_backward_table(rows):
 # Tile sweep
 
 
-TILE_FIELDS = {"fwd": "(block_m, block_n, num_warps, stages)",
+TILE_FIELDS = {"fwd": "(block_m, block_n, num_warps, stages), sm_90a (block_m, block_n, stages)",
                "bwd": "(block_m, block_n, num_warps, dq_block_n, sdp_wm, kv_wm, dq_wm)"}
 
 
@@ -598,7 +599,7 @@ def tile_candidates(head_dim, pass_):
     bucket = head_dim_bucket(head_dim)
     if pass_ == "fwd":
         defaults = [FWD_TILES[bucket]] + ([HOPPER_FWD_TILES[bucket]] if bucket in HOPPER_FWD_TILES else [])
-        listed = [HopperFwdTile(*t) if len(t) == 2 else FwdTile(*t) for t in TILE_CANDIDATES.get(head_dim, ())]
+        listed = [HopperFwdTile(*t) if len(t) < 4 else FwdTile(*t) for t in TILE_CANDIDATES.get(head_dim, ())]
     else:
         defaults, listed = [BWD_TILES[bucket]], [BwdTile(*t) for t in BWD_TILE_CANDIDATES.get(head_dim, ())]
     return [(tile, True) for tile in defaults] + [(tile, False) for tile in listed if tile not in defaults]

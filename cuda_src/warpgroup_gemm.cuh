@@ -2,9 +2,10 @@
 //
 // A (ROWS, HEAD_DIM) tile is stored as HEAD_DIM / 64 panels of (ROWS, 64) elements: 128-byte rows
 // whose 16-byte chunks are permuted, chunk c of row r at c ^ (r % 8). That is wgmma's 128-byte
-// swizzle: the 8 rows of one ldmatrix-like phase hit 8 different bank groups, and every 8 rows
-// form a 1024-byte atom, so tiles start 1024-byte aligned. The same tile serves as a K-major
-// operand (Q, K: rows are the GEMM's m or n, columns its k) or an N-major one (V: rows are k).
+// swizzle, which TMA writes (a 64-column box per panel): 8 consecutive rows spread over all
+// banks, and every 8 rows form a 1024-byte atom, so tiles start 1024-byte aligned. The same tile
+// serves as a K-major operand (Q, K: rows are the GEMM's m or n, columns its k) or an N-major one
+// (V: rows are k).
 // A warpgroup (4 warps, 128 threads) computes a 64-row accumulator; warp w of it owns rows
 // 16w..16w+15 in the mma C layout (acc_row/acc_col), so the online softmax is shared with the
 // mma.sync kernels.
@@ -18,27 +19,6 @@ typedef unsigned long long desc_t;
 template <int ROWS>
 __device__ __forceinline__ int swizzled(int r, int chunk) {
     return (chunk / 8) * ROWS * 64 + r * 64 + ((chunk % 8) ^ (r % 8)) * 8;
-}
-
-// Async copy of a (ROWS, HEAD_DIM) tile into a swizzled tile, zero-filling rows >= rows_valid
-// and columns >= head_dim as load_tile_async does. Each thread keeps one chunk column and one
-// row phase (r % 8), so its destination advances by a constant.
-template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void load_tile_swizzled(elem_t* s, const elem_t* g, int64 row_stride, int rows_valid, int head_dim) {
-    constexpr int kRowStep = NTHREADS / kChunksPerRow;
-    static_assert(NTHREADS % kChunksPerRow == 0 && kRowStep % 8 == 0, "threads must cover whole 8-row phases");
-    const int c = threadIdx.x % kChunksPerRow, r0 = threadIdx.x / kChunksPerRow;
-    const bool col_valid = c * 8 < head_dim;
-    const elem_t* src = g + r0 * row_stride + c * 8;
-    elem_t* dst = s + swizzled<ROWS>(r0, c);
-    const int64 step = kRowStep * row_stride;
-#pragma unroll
-    for (int i = 0, r = r0; i < (ROWS + kRowStep - 1) / kRowStep; ++i, r += kRowStep, src += step) {
-        if (ROWS % kRowStep == 0 || r < ROWS) {
-            const bool valid = col_valid && r < rows_valid;
-            ptx::cp_async_16(dst + i * kRowStep * 64, valid ? src : g, valid ? 16 : 0);
-        }
-    }
 }
 
 // Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.., into a swizzled tile.
@@ -55,11 +35,13 @@ __device__ __forceinline__ void store_acc_swizzled(elem_t* s, const float (&acc)
         }
 }
 
-// Copy the first rows_valid rows and head_dim columns of a swizzled tile to global memory.
+// Copy the first rows_valid rows and head_dim columns of a swizzled tile to global memory, with
+// NTHREADS threads numbered by tid.
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void store_tile_swizzled(elem_t* g, const elem_t* s, int64 row_stride, int rows_valid, int head_dim) {
+__device__ __forceinline__ void store_tile_swizzled(elem_t* g, const elem_t* s, int64 row_stride, int rows_valid,
+                                                    int head_dim, int tid) {
 #pragma unroll
-    for (int i = threadIdx.x; i < ROWS * kChunksPerRow; i += NTHREADS) {
+    for (int i = tid; i < ROWS * kChunksPerRow; i += NTHREADS) {
         const int r = i / kChunksPerRow, c = i % kChunksPerRow;
         if (r < rows_valid && c * 8 < head_dim)
             *reinterpret_cast<uint4*>(g + r * row_stride + c * 8) = *reinterpret_cast<const uint4*>(s + swizzled<ROWS>(r, c));

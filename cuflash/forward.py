@@ -4,7 +4,7 @@ import os
 import threading
 
 from . import compile as compile_
-from . import dropout, plan
+from . import dropout, plan, tma
 from .launch import launch
 
 LOG2E = 1.4426950408889634
@@ -26,7 +26,7 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
     variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0,
-                                   hopper=use_hopper(device_id))
+                                   hopper=use_hopper(device_id) and tma.encodable(q, k, v))
     if plan.is_hopper(variant) and compute_capability(device_id) != 90:
         raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
                          f"is {compute_capability(device_id)}")
@@ -35,11 +35,18 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     grid = batch * nheads * m_blocks
     if grid > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {grid} tiles, seqlens {seqlen_q} and {seqlen_k}")
-    launch(kernel, grid, variant.tile.threads, smem, stream, "5Q12q6if4If",
-           q.data_ptr, k.data_ptr, v.data_ptr, o.data_ptr, lse.data_ptr,
-           *(a.strides[axis] for a in (q, k, v, o) for axis in (0, 1, 2)),
-           seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, softmax_scale * LOG2E,
-           *dropout.kernel_args(dropout_p, seed, offset))
+    shape_args = (seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, softmax_scale * LOG2E,
+                  *dropout.kernel_args(dropout_p, seed, offset))
+    if plan.is_hopper(variant):
+        # q, k and v travel as TMA tensor maps (tma.encodable holds unless a HopperFwdTile forced it).
+        maps = (tma.tensor_map(q, variant.tile.block_m), tma.tensor_map(k, variant.tile.block_n),
+                tma.tensor_map(v, variant.tile.block_n))
+        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s2Q3q6if4If", *maps,
+               o.data_ptr, lse.data_ptr, *(o.strides[axis] for axis in (0, 1, 2)), *shape_args)
+    else:
+        launch(kernel, grid, variant.tile.threads, smem, stream, "5Q12q6if4If",
+               q.data_ptr, k.data_ptr, v.data_ptr, o.data_ptr, lse.data_ptr,
+               *(a.strides[axis] for a in (q, k, v, o) for axis in (0, 1, 2)), *shape_args)
 
 
 _prepared = {}

@@ -131,6 +131,15 @@ def test_misaligned_rows_are_copied_and_stay_exact():
     check_forward(q, q, q, causal=True)
 
 
+def test_views_a_tensor_map_cannot_read_stay_exact():
+    """K and V broadcast over heads (stride 0), which TMA cannot express: the sm_90a path hands
+    them to the portable kernel."""
+    q = randn((2, 300, 4, 128), "bfloat16")
+    k, v = (cupy.broadcast_to(randn((2, 257, 1, 128), "bfloat16", seed=s), (2, 257, 4, 128)) for s in (1, 2))
+    assert k.strides[2] == 0
+    check_forward(q, k, v, causal=True)
+
+
 def test_misaligned_out_is_refused():
     q = randn((1, 16, 2, 64), "float16")
     out = poisoned((1, 16, 2, 72), "float16")[..., 4:68]

@@ -151,8 +151,15 @@ def test_hopper_tiles_are_legal_and_fit_h100(bucket):
 
 
 def test_hopper_smem_bytes():
-    # Q (128 rows) and two K and two V tiles (128 rows each) of 128 unpadded halves, plus 1 KB of alignment slack.
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128) * 128 * 2 + 1024
+    # Q (128 rows) and two K and two V tiles (128 rows each) of 128 unpadded halves, plus 1 KB of
+    # alignment slack and room for the mbarriers.
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128) * 128 * 2 + 1024 + 128
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3)) == (128 + 6 * 64) * 128 * 2 + 1024 + 128
+
+
+def test_hopper_threads():
+    """A producer warpgroup and one consumer warpgroup per 64 rows."""
+    assert HopperFwdTile(128, 128).threads == 384 and HopperFwdTile(64, 64).threads == 256
 
 
 @pytest.mark.parametrize("tile, bucket, message", [
@@ -161,7 +168,7 @@ def test_hopper_smem_bytes():
     (HopperFwdTile(128, 24), 128, "block_n"),
     (HopperFwdTile(128, 96), 128, "block_n"),       # no wgmma n = 96 wrapper
     (HopperFwdTile(128, 128), 96, "bucket"),
-    (HopperFwdTile(192, 64), 256, "swizzle"),   # 384 threads over 32 chunks a row: 12-row steps
+    (HopperFwdTile(128, 64, stages=1), 128, "stages"),
 ], ids=str)
 def test_hopper_tile_check_rejects(tile, bucket, message):
     with pytest.raises(ValueError, match=message):
