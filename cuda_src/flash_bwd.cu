@@ -20,8 +20,8 @@
 // so the kernels accumulate (P * Z)^T dO and dS', and the launcher folds 1 / (1 - p) into the
 // scales of dV (rp_dropout) and of dK and dQ (scale = softmax_scale / (1 - p)); the preprocess
 // writes D' (d_scale = 1 - p).
-#include "warp_gemm.cuh"
-#include "philox.cuh"
+#include "softmax_backward.cuh"
+#include "bwd_passes.cuh"
 
 // Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
 // DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile).
@@ -29,7 +29,6 @@ constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kThreads = NWARPS * 32;
 constexpr int kPitchP = BLOCK_M + 8;  // rows of the P^T and dS^T tiles: Br query columns, padded
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Warp grids over each GEMM's output: WM warps along its rows, NWARPS / WM along its columns.
 // Square-ish warp blocks read fewer operand bytes from shared memory, which bounds this kernel.
@@ -45,42 +44,6 @@ struct WarpGrid {
 typedef WarpGrid<kBlockN, kBlockM, SDP_WM> GridSdP;  // S^T, dP^T: (Bc, Br)
 typedef WarpGrid<kBlockN, HEAD_DIM, KV_WM> GridKV;   // dK, dV: (Bc, d)
 typedef WarpGrid<kBlockM, HEAD_DIM, DQ_WM> GridDQ;   // dQ: (Br, d)
-
-extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ lse,
-                     float* __restrict__ lse2, float* __restrict__ dsum, float* __restrict__ dq_accum,
-                     int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
-                     int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
-                     int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total, float d_scale) {
-    // One warp per query row; lane l holds columns 8l .. 8l + 7.
-    const int row_id = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row_id >= rows_total) return;
-    const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-    const int batch = bh / num_heads, head = bh % num_heads;
-    const int c = lane * 8;
-    float acc = 0.f;
-    if (c < head_dim) {
-        const uint4 ov = *reinterpret_cast<const uint4*>(o + batch * o_batch_stride + r * o_row_stride + head * o_head_stride + c);
-        const uint4 dv = *reinterpret_cast<const uint4*>(dout + batch * do_batch_stride + r * do_row_stride + head * do_head_stride + c);
-        const elem_t* oe = reinterpret_cast<const elem_t*>(&ov);
-        const elem_t* de = reinterpret_cast<const elem_t*>(&dv);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc += static_cast<float>(oe[i]) * static_cast<float>(de[i]);
-        if (DQ_ATOMIC) {
-            float4* dq = reinterpret_cast<float4*>(dq_accum + static_cast<int64>(row_id) * head_dim + c);
-            dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-            dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
-    if (lane == 0) {
-        const int64 i = static_cast<int64>(bh) * seqlen_q_pad + r;
-        const float l = lse[static_cast<int64>(row_id)];
-        dsum[i] = acc * d_scale;
-        lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
-    }
-}
 
 // Br floats of a (batch, head) row of lse2 or D (rows seqlen_q_pad apart, 16-byte aligned), rows
 // past seqlen_q zero-filled.
@@ -170,26 +133,9 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             float acc_dp[GridSdP::kMT][GridSdP::kNT][4];
             zero(acc_dp);
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
-            // P^T = exp2(S^T * scale_log2 - lse2), 0 where invisible; dS^T = P^T * (dP^T - D);
-            // with dropout, dV reads P^T * Z^T and dS^T = P^T * (dP^T * Z^T - D')
-            const bool need_mask = tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag);
-            const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
-#pragma unroll
-            for (int mt = 0; mt < GridSdP::kMT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < GridSdP::kNT; ++nt) {
-                    const unsigned keep = IS_DROPOUT ? dropout::keep_bits_kq(rng, batch * num_heads + head, n0 + r0 + mt * 16,
-                                                                             m0 + c0 + nt * 8) : 0xfu;
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = r0 + acc_row(mt, e), row = c0 + acc_col(nt, e);
-                        float p = ptx::exp2_approx(fmaf(acc_s[mt][nt][e], scale_log2, -sLse2i[row]));
-                        if (need_mask && !visible(m0 + row, n0 + key, seqlen_k, diag)) p = 0.f;
-                        const bool kept = keep >> e & 1;
-                        acc_s[mt][nt][e] = kept ? p : 0.f;
-                        acc_dp[mt][nt][e] = p * ((kept ? acc_dp[mt][nt][e] : 0.f) - sDi[row]);
-                    }
-                }
+            softmax_backward(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, seqlen_k, diag,
+                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag),
+                             dropout::Rng{seed_lo, seed_hi, rng_offset, keep_threshold}, batch * num_heads + head, scale_log2);
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
             store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
         }
@@ -235,24 +181,6 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
                                   sK, dk_row_stride, seqlen_k - n0, head_dim);
     store_tile<kBlockN, kThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
                                   sV, dv_row_stride, seqlen_k - n0, head_dim);
-}
-
-extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
-                     int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
-                     int seqlen_q, int num_heads, int head_dim, int rows_total, float scale) {
-    // One warp per (batch, head, row) of the accumulator; lane l converts columns 8l .. 8l + 7.
-    const int row_id = blockIdx.x * 4 + threadIdx.x / 32, c = (threadIdx.x % 32) * 8;
-    if (row_id >= rows_total || c >= head_dim) return;
-    const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-    const float4* src = reinterpret_cast<const float4*>(dq_accum + static_cast<int64>(row_id) * head_dim + c);
-    const float4 a = src[0], b = src[1];
-    uint4 packed;
-    packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);
-    packed.y = ptx::pack2<elem_t>(a.z * scale, a.w * scale);
-    packed.z = ptx::pack2<elem_t>(b.x * scale, b.y * scale);
-    packed.w = ptx::pack2<elem_t>(b.z * scale, b.w * scale);
-    *reinterpret_cast<uint4*>(dq + (bh / num_heads) * dq_batch_stride + r * dq_row_stride + (bh % num_heads) * dq_head_stride + c) = packed;
 }
 
 // ---- deterministic dQ: each warp owns 16 query rows, K/V tiles of DQ_BLOCK_N keys stream through

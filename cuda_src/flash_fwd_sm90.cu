@@ -38,11 +38,6 @@ static_assert(BLOCK_M % 64 == 0, "whole warpgroups of 64 rows");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma n is a multiple of 8 up to 256; P V takes keys 16 at a time");
 constexpr unsigned kQBytes = kBlockM * HEAD_DIM * 2, kKVBytes = kBlockN * HEAD_DIM * 2;
 
-// A CUtensorMap: 128 opaque bytes that the launcher encodes (cuflash/tma.py).
-struct __align__(64) TmaDesc { unsigned long long bits[16]; };
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
                const __grid_constant__ TmaDesc tma_v, elem_t* __restrict__ o, float* __restrict__ lse,
@@ -87,19 +82,14 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
         ptx::setmaxnreg_dec<kProducerRegs>();
         if (threadIdx.x == 0 && n_tiles > 0) {
             ptx::mbar_arrive_expect_tx(bar_q, kQBytes);
-#pragma unroll
-            for (int p = 0; p < HEAD_DIM / 64; ++p) ptx::tma_load_4d(smem_u32(sQ + p * kBlockM * 64), &tma_q, p * 64, m0, head, batch, bar_q);
+            tma_load_tile<kBlockM>(sQ, tma_q, m0, head, batch, bar_q);
             for (int t = 0; t < n_tiles; ++t) {
                 if (t >= kStages) ptx::mbar_wait(empty(t), phase(t) ^ 1);
                 const int slot = (t % kStages) * kBlockN * HEAD_DIM;
                 ptx::mbar_arrive_expect_tx(full_k(t), kKVBytes);
-#pragma unroll
-                for (int p = 0; p < HEAD_DIM / 64; ++p)
-                    ptx::tma_load_4d(smem_u32(sK + slot + p * kBlockN * 64), &tma_k, p * 64, key0(t), head_k, batch, full_k(t));
+                tma_load_tile<kBlockN>(sK + slot, tma_k, key0(t), head_k, batch, full_k(t));
                 ptx::mbar_arrive_expect_tx(full_v(t), kKVBytes);
-#pragma unroll
-                for (int p = 0; p < HEAD_DIM / 64; ++p)
-                    ptx::tma_load_4d(smem_u32(sV + slot + p * kBlockN * 64), &tma_v, p * 64, key0(t), head_k, batch, full_v(t));
+                tma_load_tile<kBlockN>(sV + slot, tma_v, key0(t), head_k, batch, full_v(t));
             }
         }
         return;
@@ -128,7 +118,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::wgmma_commit();
         };
         auto issue_pv = [&](int t) {     // O += P_t V_t
-            wg_gemm_pv<kBlockN>(acc_o[0], p[0], sV + (t % kStages) * kBlockN * HEAD_DIM);
+            wg_gemm_rs<kBlockN>(acc_o[0], p[0], sV + (t % kStages) * kBlockN * HEAD_DIM);
             ptx::wgmma_commit();
         };
         auto softmax = [&](int t) {      // S_t -> P_t in place; m, l updated, alpha left for O

@@ -156,17 +156,18 @@ __device__ __forceinline__ void fence_reg(unsigned& r) { asm volatile("" : "+r"(
     ", %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 
 // D (64 x N, fp32) = A * B (+ D if scale_d): wgmma m64nNk16 of one warpgroup. ss: A and B by
-// shared-memory descriptors (A K-major); rs: A from registers in the mma A layout (4 per thread).
-// TRANS_B = 1 reads B N-major ((k, n) rows), 0 K-major ((n, k) rows).
+// shared-memory descriptors; rs: A from registers in the mma A layout (4 per thread).
+// TRANS_A = 1 reads A M-major ((k, m) rows), 0 K-major ((m, k) rows); TRANS_B = 1 reads B
+// N-major ((k, n) rows), 0 K-major ((n, k) rows).
 template <int N> struct Wgmma;
 
 template <> struct Wgmma<64> {
-    template <int TRANS_B>
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[8][4], unsigned long long a, unsigned long long b, int scale_d) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D32 "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D32 "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
                      : WG_ACC8(0)
-                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B) : "memory");
     }
     template <int TRANS_B>
     static __device__ __forceinline__ void rs(float (&d)[8][4], const unsigned (&a)[4], unsigned long long b, int scale_d) {
@@ -177,12 +178,12 @@ template <> struct Wgmma<64> {
     }
 };
 template <> struct Wgmma<128> {
-    template <int TRANS_B>
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[16][4], unsigned long long a, unsigned long long b, int scale_d) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D64 "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D64 "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
                      : WG_ACC8(0), WG_ACC8(8)
-                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B) : "memory");
     }
     template <int TRANS_B>
     static __device__ __forceinline__ void rs(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b, int scale_d) {
@@ -193,12 +194,12 @@ template <> struct Wgmma<128> {
     }
 };
 template <> struct Wgmma<256> {
-    template <int TRANS_B>
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[32][4], unsigned long long a, unsigned long long b, int scale_d) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D128 "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D128 "}, %128, %129, p, 1, 1, %131, %132;\n}\n"
                      : WG_ACC8(0), WG_ACC8(8), WG_ACC8(16), WG_ACC8(24)
-                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_B) : "memory");
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B) : "memory");
     }
     template <int TRANS_B>
     static __device__ __forceinline__ void rs(float (&d)[32][4], const unsigned (&a)[4], unsigned long long b, int scale_d) {

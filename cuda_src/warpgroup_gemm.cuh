@@ -15,6 +15,20 @@
 static_assert(HEAD_DIM % 64 == 0, "swizzled tiles are whole 64-column panels");
 typedef unsigned long long desc_t;
 
+// A CUtensorMap: 128 opaque bytes that the launcher encodes (cuflash/tma.py) and passes as a
+// __grid_constant__ parameter; TMA copies a (rows, 64) box of it into one panel of a tile.
+struct __align__(64) TmaDesc { unsigned long long bits[16]; };
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// Start a copy of the (ROWS, HEAD_DIM) tile at (row, col 0) of (head, batch) into a swizzled
+// tile, panel by panel, completing on mbarrier `bar` (which expects ROWS * HEAD_DIM * 2 bytes).
+template <int ROWS>
+__device__ __forceinline__ void tma_load_tile(elem_t* s, const TmaDesc& map, int row, int head, int batch, unsigned bar) {
+#pragma unroll
+    for (int p = 0; p < HEAD_DIM / 64; ++p) ptx::tma_load_4d(smem_u32(s + p * ROWS * 64), &map, p * 64, row, head, batch, bar);
+}
+
 // Element offset of 16-byte chunk `chunk` (of HEAD_DIM / 8) of row r in a swizzled tile.
 template <int ROWS>
 __device__ __forceinline__ int swizzled(int r, int chunk) {
@@ -66,18 +80,30 @@ __device__ __forceinline__ void wg_gemm_abt(float (&acc)[N / 8][4], const elem_t
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
         const int col = (kk % 4) * 16;
-        ptx::Wgmma<N>::template ss<0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4),
+        ptx::Wgmma<N>::template ss<0, 0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4),
                                       b + (((kk / 4) * N * 64 + col) * 2 >> 4), kk > 0);
     }
 }
 
-// acc (64 x HEAD_DIM) += P V over k = KEYS: P in registers (p[kk], the A fragments of keys
-// 16kk..16kk+15), V a swizzled (KEYS, HEAD_DIM) tile read N-major. A k step is 16 rows (2048 bytes).
-template <int KEYS>
-__device__ __forceinline__ void wg_gemm_pv(float (&acc)[HEAD_DIM / 8][4], const unsigned (&p)[KEYS / 16][4], const elem_t* sV) {
-    const desc_t v = smem_desc(sV, KEYS * 128);
+// acc (64 x HEAD_DIM) += A B over k = K: A in registers (a[kk], the mma A fragments of k
+// columns 16kk..16kk+15; e.g. P for O += P V), B a swizzled (K, HEAD_DIM) tile read N-major
+// (V, or dO and Q in the backward). A k step is 16 rows (2048 bytes).
+template <int K>
+__device__ __forceinline__ void wg_gemm_rs(float (&acc)[HEAD_DIM / 8][4], const unsigned (&a)[K / 16][4], const elem_t* sB) {
+    const desc_t b = smem_desc(sB, K * 128);
 #pragma unroll
-    for (int kk = 0; kk < KEYS / 16; ++kk) ptx::Wgmma<HEAD_DIM>::template rs<1>(acc, p[kk], v + (kk * 2048 >> 4), 1);
+    for (int kk = 0; kk < K / 16; ++kk) ptx::Wgmma<HEAD_DIM>::template rs<1>(acc, a[kk], b + (kk * 2048 >> 4), 1);
+}
+
+// acc (64 x N) = A B over k = K with both operands stored k-rows first (dQ = dS K from dS^T and
+// K): sA points at the 64-column panel of A's m block in a swizzled (K, .) tile, sB at the first
+// panel of B's n block in a swizzled (ROWS_B, .) tile.
+template <int N, int K, int ROWS_B>
+__device__ __forceinline__ void wg_gemm_kk(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
+    const desc_t a = smem_desc(sA, K * 128), b = smem_desc(sB, ROWS_B * 128);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+        ptx::Wgmma<N>::template ss<1, 1>(acc, a + (kk * 2048 >> 4), b + (kk * 2048 >> 4), kk > 0);
 }
 
 // Pin every register of an accumulator or fragment array (see ptx::fence_reg).

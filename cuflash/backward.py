@@ -1,11 +1,12 @@
 """Backward launcher: picks the variant, allocates D, lse2 and the float32 dQ accumulator (all
 O(seqlen)), and launches preprocess -> dK/dV (+ dQ atomics) -> dQ conversion, or, when
-deterministic, preprocess -> dK/dV -> a separate dQ pass with no atomics."""
+deterministic, preprocess -> dK/dV -> a separate dQ pass with no atomics. On compute capability
+9.0 the dK/dV kernel of the non-deterministic path is the sm_90a one (d 64 and 128)."""
 import threading
 
 from . import compile as compile_
-from . import dropout, plan
-from .forward import INT32_MAX, LOG2E, smem_limit
+from . import dropout, plan, tma
+from .forward import INT32_MAX, LOG2E, compute_capability, smem_limit, use_hopper
 from .launch import launch
 
 ROWS_PER_BLOCK = 4  # preprocess and convert_dq: one warp per row, 4 warps per block
@@ -27,7 +28,10 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
     variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id),
-                                    dropout=dropout_p > 0)
+                                    dropout=dropout_p > 0, hopper=use_hopper(device_id) and tma.encodable(q, k, v, dout))
+    if plan.is_hopper(variant) and compute_capability(device_id) != 90:
+        raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
+                         f"is {compute_capability(device_id)}")
     kernels = _prepare(variant, device_id)
     rows = batch * nheads * seqlen_q
     n_blocks = -(-seqlen_k // variant.tile.block_n)
@@ -56,11 +60,20 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "6Q6q5if",
            out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, dq_accum, *strides(out, dout),
            seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
-    function, smem = kernels["flash_bwd_dkdv"]
-    launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
-           q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
-           *strides(q, k, v, dout, dk, dv), seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks,
-           scale_log2, ds_scale, *rng, rp_dropout)
+    shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, scale_log2, ds_scale,
+                  *rng, rp_dropout)
+    if plan.is_hopper(variant):
+        function, smem = kernels["flash_bwd_dkdv_sm90"]
+        tile = variant.tile
+        maps = (tma.tensor_map(q, tile.block_m), tma.tensor_map(k, tile.block_n), tma.tensor_map(v, tile.block_n),
+                tma.tensor_map(dout, tile.block_m))
+        launch(function, batch * nheads_k * n_blocks, tile.threads, smem, stream, "128s128s128s128s5Q6q7i2f4If",
+               *maps, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum, *strides(dk, dv), *shape_args)
+    else:
+        function, smem = kernels["flash_bwd_dkdv"]
+        launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
+               q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
+               *strides(q, k, v, dout, dk, dv), *shape_args)
     if deterministic:
         function, smem = kernels["flash_bwd_dq"]
         launch(function, batch * nheads * m_blocks, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",
@@ -84,8 +97,11 @@ def _prepare(variant, device_id):
         return prepared
     import cupy
 
-    smem = {"flash_bwd_dkdv": plan.backward_smem_bytes(variant.head_dim, variant.tile),
-            "flash_bwd_dq": plan.backward_dq_smem_bytes(variant.head_dim, variant.tile)}
+    if plan.is_hopper(variant):
+        smem = {"flash_bwd_dkdv_sm90": plan.backward_smem_bytes(variant.head_dim, variant.tile)}
+    else:
+        smem = {"flash_bwd_dkdv": plan.backward_smem_bytes(variant.head_dim, variant.tile),
+                "flash_bwd_dq": plan.backward_dq_smem_bytes(variant.head_dim, variant.tile)}
     limit = smem_limit(device_id)
     for name, size in smem.items():
         if size > limit:

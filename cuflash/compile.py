@@ -91,8 +91,13 @@ DROPOUT_MASK_PROGRAM = (flatten_source("dropout_mask.cu"), ("--std=c++17",), "dr
 
 @functools.lru_cache(maxsize=None)
 def backward_program(variant):
-    """(source, options, kernel names) of a backward variant."""
+    """(source, options, kernel names) of a backward variant: the row passes and the dK/dV
+    kernel of its family, and the deterministic dQ kernel of the portable one."""
     tile = variant.tile
+    if plan.is_hopper(variant):
+        names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq")
+        source, options, names = _program("flash_bwd_sm90.cu", variant, names, STAGES=tile.stages, DQ_ATOMIC=1)
+        return source, options + (HOPPER_ARCH_OPTION,), names
     names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
     return _program("flash_bwd.cu", variant, names, DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm,
                     KV_WM=tile.kv_wm, DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic))

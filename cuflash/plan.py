@@ -168,8 +168,8 @@ def forward_variants():
 
 
 def is_hopper(variant):
-    """True for a variant of the sm_90a kernel family."""
-    return isinstance(variant.tile, HopperFwdTile)
+    """True for a forward or backward variant of the sm_90a kernel family."""
+    return isinstance(variant.tile, (HopperFwdTile, HopperBwdTile))
 
 
 def num_m_blocks(seqlen_q, tile):
@@ -223,6 +223,33 @@ def _grid_ok(rows, cols, wm, warps):
 
 
 @dataclass(frozen=True)
+class HopperBwdTile:
+    """Tiles of the sm_90a dK/dV kernel (cuda_src/flash_bwd_sm90.cu): a producer warpgroup and two
+    consumer warpgroups own block_n = 128 keys (64 each) and walk Q tiles of block_m rows, Q and
+    dO in a ring of `stages` slots. dQ goes by atomics, so deterministic runs stay portable."""
+
+    block_m: int
+    block_n: int = 128
+    stages: int = 2
+
+    def check(self, bucket):
+        if self.block_n != 128:
+            raise ValueError(f"tile: block_n={self.block_n} must be 128 (two consumer warpgroups of 64 keys)")
+        if self.block_m not in (64, 128):
+            raise ValueError(f"tile: block_m={self.block_m} must be 64 or 128 (wgmma n of S^T)")
+        if bucket not in HOPPER_BWD_HEAD_DIMS:
+            raise ValueError(f"head-dim bucket {bucket} has no sm_90a backward (those are {HOPPER_BWD_HEAD_DIMS})")
+        if (bucket * self.block_m // 64) // 2 % 64:
+            raise ValueError(f"tile: block_m={self.block_m} at d={bucket} cuts dQ into blocks narrower than 64 columns")
+        if not 2 <= self.stages <= 4:
+            raise ValueError(f"tile: stages={self.stages} must be 2 to 4")
+
+    @property
+    def threads(self):
+        return 128 * (self.block_n // 64 + 1)
+
+
+@dataclass(frozen=True)
 class BwdVariant:
     dtype: str
     head_dim: int  # the bucket
@@ -249,8 +276,22 @@ BWD_TILES = {
 }
 
 
+# The sm_90a dK/dV kernel, picked on compute capability 9.0 (deterministic=False) for these
+# buckets. Registers per consumer thread: dK and dV take d each, S^T and dP^T block_m / 2 each.
+HOPPER_BWD_TILES = {
+    64: HopperBwdTile(128),   # 164 KB; each warpgroup adds a 64-row block of dQ
+    128: HopperBwdTile(64),   # 162 KB; each warpgroup adds a 64-column block of dQ
+}
+HOPPER_BWD_HEAD_DIMS = tuple(HOPPER_BWD_TILES)
+
+
 def backward_smem_bytes(head_dim, tile):
-    """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered."""
+    """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered.
+    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers; lse2 and D per slot;
+    mbarriers; 1 KB of alignment slack."""
+    if isinstance(tile, HopperBwdTile):
+        return (2 * tile.block_n * head_dim * 2 + 2 * tile.stages * tile.block_m * head_dim * 2
+                + 2 * tile.block_n * tile.block_m * 2 + tile.stages * 2 * tile.block_m * 4 + 1024 + 128)
     pitch_bytes = (head_dim + 8) * 2
     return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes
             + 2 * tile.block_n * (tile.block_m + 8) * 2 + 4 * tile.block_m * 4)
@@ -295,12 +336,18 @@ def fit_bwd_tile(tile, head_dim, smem_limit):
                      "of shared memory per block")
 
 
-def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None, dropout=False):
+def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None, dropout=False, hopper=False):
     """The backward variant for (dtype, caller's head_dim, causal, deterministic, dropout) on a GPU
-    with smem_limit bytes of shared memory per block. Where the head dim's own bucket cannot fit
-    (d224 on sm_80), a larger bucket that fits runs it, zero-padded; `tile` overrides the table."""
+    with smem_limit bytes of shared memory per block: the sm_90a dK/dV kernel if `hopper`, not
+    deterministic and the bucket has one. Where the head dim's own bucket cannot fit (d224 on
+    sm_80), a larger bucket that fits runs it, zero-padded; `tile` overrides the table (its type
+    picks the kernel family)."""
     bucket = head_dim_bucket(head_dim)
     flags = (bool(causal), bool(deterministic))
+    if tile is None and hopper and not deterministic and bucket in HOPPER_BWD_TILES:
+        tile = HOPPER_BWD_TILES[bucket]
+    if isinstance(tile, HopperBwdTile) and deterministic:
+        raise ValueError("tile: the sm_90a backward adds dQ with atomics; deterministic=True needs a BwdTile")
     if tile is not None:
         tile.check(bucket)
         return BwdVariant(dtype, bucket, *flags, tile, bool(dropout))
@@ -317,16 +364,17 @@ def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_lim
 
 
 def backward_variants():
-    """Every backward variant the dispatcher can pick on an sm_80+ GPU whose shared memory fits it."""
+    """Every backward variant the dispatcher can pick on an sm_80+ GPU whose shared memory fits it
+    (CI compiles the portable ones for sm_80 and sm_90a, the Hopper ones for sm_90a)."""
     variants = set()
     for limit in sorted(set(SMEM_OPTIN_BY_CC.values())):
         for dtype in DTYPES:
             for bucket in HEAD_DIM_BUCKETS:
                 for causal in (False, True):
-                    for deterministic, dropout in itertools.product((False, True), repeat=2):
+                    for deterministic, dropout, hopper in itertools.product((False, True), repeat=3):
                         try:
                             variants.add(backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit,
-                                                          dropout=dropout))
+                                                          dropout=dropout, hopper=hopper))
                         except ValueError:  # d > 192 backward does not fit 99 KB
                             pass
     return sorted(variants, key=repr)

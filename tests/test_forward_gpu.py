@@ -40,7 +40,7 @@ PATHS = ["default", "portable"]
 
 @contextlib.contextmanager
 def forward_path(path):
-    """Run the forward on `path` ("portable" sets CUFLASH_PORTABLE=1) for the duration."""
+    """Run on `path` ("portable" sets CUFLASH_PORTABLE=1: no sm_90a kernels) for the duration."""
     saved = os.environ.get("CUFLASH_PORTABLE")
     os.environ["CUFLASH_PORTABLE"] = "1" if path == "portable" else "0"
     try:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cuflash import plan
-from cuflash.plan import FwdTile, HopperFwdTile
+from cuflash.plan import FwdTile, HopperBwdTile, HopperFwdTile
 
 H100_SMEM_OPTIN = 232448  # bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (227 KB)
 
@@ -218,3 +218,39 @@ def test_backward_smem_bytes():
 def test_backward_tile_check_rejects_bad_tiles(tile):
     with pytest.raises(ValueError):
         tile.check(128)
+
+
+# ---- the sm_90a backward -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bucket", plan.HEAD_DIM_BUCKETS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hopper_backward_dispatch(bucket, deterministic):
+    """On compute capability 9.0 the non-deterministic backward of d 64 and 128 gets the sm_90a
+    dK/dV kernel (dQ by atomics); everything else stays portable; CI compiles the pick."""
+    variant = plan.backward_variant("float16", bucket, False, deterministic, smem_limit=H100_SMEM_OPTIN, hopper=True)
+    assert plan.is_hopper(variant) == (bucket in plan.HOPPER_BWD_HEAD_DIMS and not deterministic)
+    assert variant in plan.backward_variants()
+
+
+@pytest.mark.parametrize("bucket", plan.HOPPER_BWD_HEAD_DIMS)
+def test_hopper_backward_tiles_are_legal_and_fit_h100(bucket):
+    tile = plan.HOPPER_BWD_TILES[bucket]
+    tile.check(bucket)
+    assert plan.backward_smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
+
+
+def test_hopper_backward_tile_refuses_deterministic():
+    with pytest.raises(ValueError, match="deterministic"):
+        plan.backward_variant("float16", 128, False, True, tile=HopperBwdTile(64))
+
+
+@pytest.mark.parametrize("tile, bucket, message", [
+    (HopperBwdTile(64, 64), 128, "block_n"),
+    (HopperBwdTile(32), 128, "block_m"),
+    (HopperBwdTile(64), 256, "bucket"),
+    (HopperBwdTile(64), 64, "dQ"),          # 64 rows x d64 over two warpgroups: 32-column blocks
+    (HopperBwdTile(64, stages=5), 128, "stages"),
+], ids=str)
+def test_hopper_backward_tile_check_rejects(tile, bucket, message):
+    with pytest.raises(ValueError, match=message):
+        tile.check(bucket)

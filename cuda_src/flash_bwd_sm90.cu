@@ -1,0 +1,210 @@
+// FlashAttention backward, Hopper path (sm_90a): the dK/dV kernel with dQ by atomics, on wgmma
+// with TMA loads; the row passes before and after it are those of the portable path
+// (bwd_passes.cuh). The algorithm and the dropout algebra are flash_bwd.cu's.
+//
+// One CTA owns Bc = BLOCK_N keys of one (batch, kv head) and walks every (query head of the
+// group, Q tile of Br = BLOCK_M rows) that sees them. Warpgroup 0 produces: one thread copies K
+// and V once and each Q_i, dO_i by TMA into a ring of STAGES slots (a "full" mbarrier each);
+// warp 1 copies lse2_i and D_i into the same slot (zeros past seqlen_q) and arrives on a stats
+// mbarrier. Warpgroups 1..Bc/64 consume, 64 keys each; per Q tile:
+//   S^T = K Q_i^T, dP^T = V dO_i^T (wgmma SS) -> P^T, dS^T in registers (softmax_backward.cuh)
+//   dV += P^T dO_i, dK += dS^T Q_i (wgmma RS: P^T, dS^T straight from registers)
+//   dS^T -> shared memory; once every warpgroup's rows are there, dQ_i += dS K (wgmma SS with
+//   both operands k-rows first), a block of it per warpgroup, added to the float32 accumulator
+//   with red.global.add; then the slot is released.
+// dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
+#include "softmax_backward.cuh"
+#include "warpgroup_gemm.cuh"
+#include "bwd_passes.cuh"
+
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "flash_bwd_sm90.cu needs -arch=sm_90a"
+#endif
+
+// Injected by the launcher: BLOCK_M (Br, queries), BLOCK_N (Bc, keys), STAGES, IS_CAUSAL, IS_DROPOUT.
+constexpr int kBlockM = BLOCK_M;
+constexpr int kBlockN = BLOCK_N;
+constexpr int kStages = STAGES;
+constexpr int kConsumers = BLOCK_N / 64;
+constexpr int kConsumerThreads = 128 * kConsumers;
+constexpr int kThreads = 128 + kConsumerThreads;
+constexpr int kQT = BLOCK_M / 8;   // n8 tiles of queries in S^T
+constexpr int kDT = HEAD_DIM / 8;
+// dQ (Br, d) is cut into kDqRows blocks of 64 rows times kConsumers / kDqRows blocks of kDqN columns.
+constexpr int kDqRows = BLOCK_M / 64;
+constexpr int kDqN = HEAD_DIM * kDqRows / kConsumers;
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kConsumers % kDqRows == 0 && kDqN % 64 == 0,
+              "two consumer warpgroups; dQ blocks of whole 64-row, 64-column panels");
+constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
+                    const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
+                    elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum,
+                    const float* __restrict__ lse2, const float* __restrict__ dsum,
+                    int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
+                    int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
+                    int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
+                    int num_n_blocks, float scale_log2, float scale,
+                    unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned misalign = smem_u32(smem_raw) % 1024;
+    elem_t* sK = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Bc, d), later dK
+    elem_t* sV = sK + kBlockN * HEAD_DIM;                 // (Bc, d), later dV
+    elem_t* sQ = sV + kBlockN * HEAD_DIM;                 // kStages x (Br, d)
+    elem_t* sdO = sQ + kStages * kBlockM * HEAD_DIM;      // kStages x (Br, d)
+    elem_t* sdSt = sdO + kStages * kBlockM * HEAD_DIM;    // 2 x (Bc, Br)
+    float* sStats = reinterpret_cast<float*>(sdSt + 2 * kBlockN * kBlockM);  // kStages x (lse2, D) x Br
+    const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
+    auto full_q = [&](int i) { return bar_kv + 8 * (1 + i % kStages); };
+    auto full_stats = [&](int i) { return bar_kv + 8 * (1 + kStages + i % kStages); };
+    auto empty = [&](int i) { return bar_kv + 8 * (1 + 2 * kStages + i % kStages); };
+    auto phase = [](int i) { return static_cast<unsigned>(i / kStages) & 1; };
+
+    const int bhk = blockIdx.x / num_n_blocks, n_block = blockIdx.x % num_n_blocks;
+    const int batch = bhk / num_heads_k, head_k = bhk % num_heads_k;
+    const int group = num_heads / num_heads_k;
+    const int n0 = n_block * kBlockN, diag = seqlen_k - seqlen_q;
+    // Under causal, query row i sees key n0 only from row n0 - diag on.
+    const int m_block_min = IS_CAUSAL ? max(0, n0 - diag) / kBlockM : 0;
+    const int m_blocks = max(0, ceil_div(seqlen_q, kBlockM) - m_block_min);
+    const int n_iters = group * m_blocks;  // (query head, Q tile) pairs
+    auto head_of = [&](int i) { return head_k * group + i / m_blocks; };
+    auto m0_of = [&](int i) { return (m_block_min + i % m_blocks) * kBlockM; };
+
+    if (threadIdx.x == 0) {
+        ptx::mbar_init(bar_kv, 1);
+        for (int s = 0; s < kStages; ++s) {
+            ptx::mbar_init(full_q(s), 1);
+            ptx::mbar_init(full_stats(s), 32);
+            ptx::mbar_init(empty(s), kConsumerThreads / 32);  // lane 0 of every consumer warp
+        }
+        ptx::fence_mbar_init();
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {  // producer warpgroup
+        ptx::setmaxnreg_dec<kProducerRegs>();
+        if (threadIdx.x == 0 && n_iters > 0) {
+            ptx::mbar_arrive_expect_tx(bar_kv, kKVBytes);
+            tma_load_tile<kBlockN>(sK, tma_k, n0, head_k, batch, bar_kv);
+            tma_load_tile<kBlockN>(sV, tma_v, n0, head_k, batch, bar_kv);
+            for (int i = 0; i < n_iters; ++i) {
+                if (i >= kStages) ptx::mbar_wait(empty(i), phase(i) ^ 1);
+                elem_t* slot_q = sQ + (i % kStages) * kBlockM * HEAD_DIM;
+                elem_t* slot_do = sdO + (i % kStages) * kBlockM * HEAD_DIM;
+                ptx::mbar_arrive_expect_tx(full_q(i), kQdOBytes);
+                tma_load_tile<kBlockM>(slot_q, tma_q, m0_of(i), head_of(i), batch, full_q(i));
+                tma_load_tile<kBlockM>(slot_do, tma_do, m0_of(i), head_of(i), batch, full_q(i));
+            }
+        } else if (threadIdx.x / 32 == 1) {
+            const int lane = threadIdx.x % 32;
+            for (int i = 0; i < n_iters; ++i) {
+                if (i >= kStages) ptx::mbar_wait(empty(i), phase(i) ^ 1);
+                const int m0 = m0_of(i);
+                const int64 row0 = static_cast<int64>(batch * num_heads + head_of(i)) * seqlen_q_pad + m0;
+                float* slot = sStats + (i % kStages) * 2 * kBlockM;
+                for (int r = lane; r < kBlockM; r += 32) {
+                    const bool valid = m0 + r < seqlen_q;
+                    slot[r] = valid ? lse2[row0 + r] : 0.f;
+                    slot[kBlockM + r] = valid ? dsum[row0 + r] : 0.f;
+                }
+                ptx::mbar_arrive(full_stats(i));
+            }
+        }
+        return;
+    }
+
+    ptx::setmaxnreg_inc<kConsumerRegs>();
+    const int tid = threadIdx.x - 128;
+    const int wg = tid / 128;
+    const int warp_key0 = (tid / 32) * 16;          // the warp's keys in the tile, as in the mma C layout
+    const int dq_row0 = (wg % kDqRows) * 64;        // this warpgroup's block of dQ
+    const int dq_col0 = (wg / kDqRows) * kDqN;
+    const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
+
+    float acc_dk[1][kDT][4], acc_dv[1][kDT][4];  // the warpgroup's 64 keys x d
+    zero(acc_dk);
+    zero(acc_dv);
+    if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
+    for (int i = 0; i < n_iters; ++i) {
+        const int head = head_of(i), m0 = m0_of(i);
+        const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
+        const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
+        const float* stats = sStats + (i % kStages) * 2 * kBlockM;
+        elem_t* sdSti = sdSt + (i % 2) * kBlockN * kBlockM;
+
+        // S^T = K Q_i^T, dP^T = V dO_i^T   (64 keys of this warpgroup, Br)
+        float acc_s[1][kQT][4], acc_dp[1][kQT][4];
+        fence_regs(acc_dk);
+        fence_regs(acc_dv);
+        ptx::mbar_wait(full_q(i), phase(i));
+        ptx::mbar_wait(full_stats(i), phase(i));
+        ptx::wgmma_fence();
+        wg_gemm_abt<kBlockM, kBlockN>(acc_s[0], sK + wg * 64 * 64, sQi);
+        wg_gemm_abt<kBlockM, kBlockN>(acc_dp[0], sV + wg * 64 * 64, sdOi);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        fence_regs(acc_s);
+        fence_regs(acc_dp);
+        softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag,
+                         tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
+
+        // dV += P^T dO_i, dK += dS^T Q_i; dS^T also goes to shared memory for dQ.
+        unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];
+        acc_to_a_frags(pt, acc_s);
+        acc_to_a_frags(dst, acc_dp);
+        store_acc_swizzled<kBlockN>(sdSti, acc_dp, warp_key0);
+        ptx::fence_proxy_async();
+        fence_regs(pt);
+        fence_regs(dst);
+        ptx::wgmma_fence();
+        wg_gemm_rs<kBlockM>(acc_dv[0], pt[0], sdOi);
+        wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
+        ptx::wgmma_commit();
+
+        // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored.
+        ptx::named_barrier(1, kConsumerThreads);
+        float acc_dq[1][kDqN / 8][4];
+        wg_gemm_kk<kDqN, kBlockN, kBlockN>(acc_dq[0], sdSti + (dq_row0 / 64) * kBlockN * 64, sK + (dq_col0 / 64) * kBlockN * 64);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        fence_regs(acc_dq);
+        fence_regs(acc_dk);
+        fence_regs(acc_dv);
+        fence_regs(pt);
+        fence_regs(dst);
+        if (tid % 32 == 0) ptx::mbar_arrive(empty(i));
+
+        float* gdq = dq_accum + (static_cast<int64>(batch * num_heads + head) * seqlen_q + m0) * head_dim;
+        const int row_base = dq_row0 + (tid / 32) % 4 * 16;
+#pragma unroll
+        for (int nt = 0; nt < kDqN / 8; ++nt)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = row_base + acc_row(0, 2 * hh), col = dq_col0 + acc_col(nt, 0);
+                if (m0 + row < seqlen_q && col < head_dim)
+                    ptx::red_add_f32x2(gdq + static_cast<int64>(row) * head_dim + col, acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
+            }
+    }
+
+    // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
+    // reads them.
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc_dk[0][dt][e] *= scale;
+            acc_dv[0][dt][e] *= rp_dropout;
+        }
+    ptx::named_barrier(1, kConsumerThreads);
+    store_acc_swizzled<kBlockN>(sK, acc_dk, warp_key0);
+    store_acc_swizzled<kBlockN>(sV, acc_dv, warp_key0);
+    ptx::named_barrier(1, kConsumerThreads);
+    store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
+                                                   sK, dk_row_stride, seqlen_k - n0, head_dim, tid);
+    store_tile_swizzled<kBlockN, kConsumerThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
+                                                   sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
+}
