@@ -96,7 +96,7 @@ def _define_torch_ops():
         seed = 0 if seed is None else seed % 2**64
         out, lse = api.forward(q.detach(), k.detach(), v.detach(), softmax_scale=softmax_scale, causal=causal,
                                dropout_p=dropout_p, seed=seed, offset=offset)
-        return out, lse, torch.tensor([seed - 2**64 if seed >= 2**63 else seed, offset], dtype=torch.int64)
+        return out, lse, torch.tensor([_signed64(seed), offset], dtype=torch.int64)
 
     @flash_fwd.register_fake
     def _(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
@@ -169,7 +169,7 @@ def _torch_attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, s
     scale = validate.softmax_scale(softmax_scale, int(q.shape[-1]))
     if seed is not None:
         seed = validate.seed(seed, dropout_p)
-        seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is signed 64-bit
+        seed = _signed64(seed)  # the schema's int is signed 64-bit
     out, lse, _ = torch.ops.cuflash.flash_fwd(q, k, v, scale, causal, deterministic, dropout_p, seed)
     return out, lse
 
@@ -179,6 +179,11 @@ if "torch" in sys.modules:  # torch is there already: registering costs nothing 
 
 
 # --- JAX -----------------------------------------------------------------------------------------
+
+def _signed64(seed):
+    """A seed in [0, 2^64) as the signed 64-bit int torch's schemas and int64 tensors hold."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
 
 def _jax_attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
     infos = [_describe_jax(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
@@ -212,8 +217,11 @@ def _jax_seed(seed, dropout_p):
     return jnp.stack([seed, jnp.zeros((), jnp.uint32)]) if seed.shape == () else seed
 
 
-def _seed_int(seed):
-    """The int of a concrete uint32 (lo, hi) seed array (NumPy, JAX or CuPy: read on the host)."""
+def _seed_int(seed, dropout_p):
+    """The int of a concrete uint32 (lo, hi) seed array (NumPy, JAX or CuPy: read on the host), or
+    None without dropout, where the seed is unused and not worth a wait for the device."""
+    if dropout_p == 0:
+        return None
     lo, hi = (int(x) for x in (seed.get() if hasattr(seed, "get") else np.asarray(seed)))
     return lo | hi << 32
 
@@ -264,7 +272,7 @@ def _jax_custom_vjp():
 def _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p):
     if not _is_tracer(q, k, v, seed):
         return api.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p,
-                           seed=_seed_int(seed))
+                           seed=_seed_int(seed, dropout_p))
     import jax
     import jax.numpy as jnp
 
@@ -277,7 +285,7 @@ def _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p):
 def _jax_backward(dout, q, k, v, seed, out, lse, softmax_scale, causal, deterministic, dropout_p):
     if not _is_tracer(dout, q, k, v, seed, out, lse):
         return tuple(api.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                                  deterministic=deterministic, dropout_p=dropout_p, seed=_seed_int(seed)))
+                                  deterministic=deterministic, dropout_p=dropout_p, seed=_seed_int(seed, dropout_p)))
     import jax
     import jax.numpy as jnp
 
@@ -309,7 +317,7 @@ def _forward_callback(ctx, results, q, k, v, seed, *, softmax_scale, causal, dro
     out, lse = results
     with _on_xla_stream(ctx, q):
         o_view, lse_view = _cupy_view(out), _cupy_view(lse)
-        seed = _seed_int(_cupy_view(seed)) if dropout_p > 0 else None
+        seed = _seed_int(_cupy_view(seed), dropout_p)
         _, lse_new = api.forward(*(_cupy_view(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
                                  out=o_view, dropout_p=dropout_p, seed=seed)
         lse_view[...] = lse_new
@@ -320,7 +328,7 @@ def _backward_callback(ctx, results, dout, q, k, v, seed, out, lse, *, softmax_s
     """Runs when XLA executes the backward: dq, dk, dv are copied into XLA's result buffers on
     XLA's stream."""
     with _on_xla_stream(ctx, q):
-        seed = _seed_int(_cupy_view(seed)) if dropout_p > 0 else None
+        seed = _seed_int(_cupy_view(seed), dropout_p)
         grads = api.backward(*(_cupy_view(x) for x in (dout, q, k, v, out, lse)), softmax_scale=softmax_scale,
                              causal=causal, deterministic=deterministic, dropout_p=dropout_p, seed=seed)
         for buffer, grad in zip(results, grads):
