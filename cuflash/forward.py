@@ -74,9 +74,11 @@ def _prepare(variant, device_id):
 
 
 def use_hopper(device_id):
-    """True where the sm_90a kernels run: compute capability 9.0, unless the environment variable
-    CUFLASH_PORTABLE is set to anything but "" or "0" (to compare or debug the portable path)."""
-    return compute_capability(device_id) == 90 and os.environ.get("CUFLASH_PORTABLE", "0") in ("", "0")
+    """True where the sm_90a kernels run: compute capability 9.0 with a CUDA 12.4+ driver, unless
+    the environment variable CUFLASH_PORTABLE is set to anything but "" or "0" (to compare or
+    debug the portable path)."""
+    return (compute_capability(device_id) == 90 and os.environ.get("CUFLASH_PORTABLE", "0") in ("", "0")
+            and tma.driver_supported())
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,8 +41,14 @@ def padded_format(field_codes, offsets):
 
 
 @functools.lru_cache(maxsize=None)
+def libcuda():
+    """The CUDA driver library, for the entry points CuPy does not wrap."""
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.lru_cache(maxsize=None)
 def _param_offsets(function_ptr, count):
-    get_info = ctypes.CDLL("libcuda.so.1").cuFuncGetParamInfo
+    get_info = libcuda().cuFuncGetParamInfo
     get_info.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
     get_info.restype = ctypes.c_int
     offsets = []

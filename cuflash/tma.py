@@ -10,6 +10,8 @@ cuTensorMapEncodeTiled encodes them; CuPy does not wrap it, so it is called thro
 import ctypes
 import functools
 
+from . import launch
+
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZERO = 0, 3, 3, 0
 _MAX_STRIDE_BYTES = 2**40
@@ -21,9 +23,20 @@ class TensorMap(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=None)
+def driver_supported():
+    """True if the driver has what the sm_90a launches need: cuTensorMapEncodeTiled (CUDA 12.0)
+    and cuFuncGetParamInfo (12.4, for launch.py's parameter offsets)."""
+    try:
+        lib = launch.libcuda()
+    except OSError:
+        return False
+    return all(hasattr(lib, name) for name in ("cuTensorMapEncodeTiled", "cuFuncGetParamInfo"))
+
+
+@functools.lru_cache(maxsize=None)
 def _encode_tiled():
     u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-    function = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    function = launch.libcuda().cuTensorMapEncodeTiled
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.POINTER(TensorMap), ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p,
                          u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
