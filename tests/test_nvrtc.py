@@ -56,10 +56,14 @@ def nvrtc_compile(program, arch):
         nvrtc.destroyProgram(prog)
 
 
+def with_archs(variants):
+    """pytest params (variant, arch): each portable variant for every arch, each Hopper one for sm_90a."""
+    return [pytest.param(variant, arch, id=f"{_variant_id(variant)}-{arch}") for variant in variants
+            for arch in (("sm_90a",) if plan.is_hopper(variant) else ARCHS)]
+
+
 @needs_cuda_headers
-@pytest.mark.parametrize("variant, arch", [(variant, arch) for variant in plan.forward_variants()
-                                           for arch in (("sm_90a",) if plan.is_hopper(variant) else ARCHS)],
-                         ids=lambda x: x if isinstance(x, str) else _variant_id(x))
+@pytest.mark.parametrize("variant, arch", with_archs(plan.forward_variants()))
 def test_variant_compiles(variant, arch):
     check_program(compile_.forward_program(variant), arch)
 
@@ -80,9 +84,7 @@ def test_hopper_kernel_refuses_other_targets():
 
 
 @needs_cuda_headers
-@pytest.mark.parametrize("variant, arch", [(variant, arch) for variant in plan.backward_variants()
-                                           for arch in (("sm_90a",) if plan.is_hopper(variant) else ARCHS)],
-                         ids=lambda x: x if isinstance(x, str) else _variant_id(x))
+@pytest.mark.parametrize("variant, arch", with_archs(plan.backward_variants()))
 def test_backward_variant_compiles(variant, arch):
     check_program(compile_.backward_program(variant), arch)
 

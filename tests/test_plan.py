@@ -143,11 +143,12 @@ def test_tile_type_picks_the_kernel_family():
     assert not plan.is_hopper(plan.forward_variant("float16", 64, False, FwdTile(64, 64, 4), hopper=True))
 
 
-@pytest.mark.parametrize("bucket", plan.HOPPER_HEAD_DIMS)
-def test_hopper_tiles_are_legal_and_fit_h100(bucket):
-    tile = plan.HOPPER_FWD_TILES[bucket]
+@pytest.mark.parametrize("bucket, tile, smem_bytes",
+                         [(b, t, plan.forward_smem_bytes) for b, t in plan.HOPPER_FWD_TILES.items()] +
+                         [(b, t, plan.backward_smem_bytes) for b, t in plan.HOPPER_BWD_TILES.items()], ids=str)
+def test_hopper_tiles_are_legal_and_fit_h100(bucket, tile, smem_bytes):
     tile.check(bucket)
-    assert plan.forward_smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
+    assert smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
 
 
 def test_hopper_smem_bytes():
@@ -230,13 +231,6 @@ def test_hopper_backward_dispatch(bucket, deterministic):
     variant = plan.backward_variant("float16", bucket, False, deterministic, smem_limit=H100_SMEM_OPTIN, hopper=True)
     assert plan.is_hopper(variant) == (bucket in plan.HOPPER_BWD_HEAD_DIMS and not deterministic)
     assert variant in plan.backward_variants()
-
-
-@pytest.mark.parametrize("bucket", plan.HOPPER_BWD_HEAD_DIMS)
-def test_hopper_backward_tiles_are_legal_and_fit_h100(bucket):
-    tile = plan.HOPPER_BWD_TILES[bucket]
-    tile.check(bucket)
-    assert plan.backward_smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
 
 
 def test_hopper_backward_tile_refuses_deterministic():
