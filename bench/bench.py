@@ -69,12 +69,15 @@ TILE_CANDIDATES = {
     256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64), (64, 64, 3)],
 }
 # BwdTile(block_m, block_n, num_warps, dq_block_n, sdp_wm, kv_wm, dq_wm) candidates for --tiles
-# --pass bwd, timed with deterministic=False (the table's default is always timed too).
+# --pass bwd, timed with deterministic=False (the tables' defaults are always timed too); tuples
+# of 3 are HopperBwdTile(block_m, block_n, stages) candidates of the sm_90a kernel.
 BWD_TILE_CANDIDATES = {
     64: [(64, 128, 8, 64, 4, 4, 2), (128, 128, 8, 64, 2, 4, 4), (128, 128, 8, 64, 4, 8, 4),
-         (128, 128, 8, 64, 8, 4, 4), (128, 128, 8, 64, 4, 4, 2), (128, 64, 8, 64, 2, 4, 4)],
+         (128, 128, 8, 64, 8, 4, 4), (128, 128, 8, 64, 4, 4, 2), (128, 64, 8, 64, 2, 4, 4),
+         (128, 128, 3)],
     128: [(64, 128, 8, 64, 2, 4, 2), (64, 128, 8, 64, 4, 2, 2), (64, 128, 8, 64, 4, 8, 2),
-          (64, 128, 8, 64, 4, 4, 4), (64, 128, 8, 64, 8, 8, 4), (128, 128, 8, 64, 4, 4, 4)],
+          (64, 128, 8, 64, 4, 4, 4), (64, 128, 8, 64, 8, 8, 4), (128, 128, 8, 64, 4, 4, 4),
+          (64, 128, 3)],
     256: [(64, 64, 8, 32, 2, 2, 2), (64, 64, 8, 32, 4, 4, 4)],
 }
 
@@ -589,19 +592,21 @@ def print_backward_table(rows):
 
 
 TILE_FIELDS = {"fwd": "(block_m, block_n, num_warps, stages), sm_90a (block_m, block_n, stages)",
-               "bwd": "(block_m, block_n, num_warps, dq_block_n, sdp_wm, kv_wm, dq_wm)"}
+               "bwd": "(block_m, block_n, num_warps, dq_block_n, sdp_wm, kv_wm, dq_wm), sm_90a (block_m, block_n, stages)"}
 
 
 def tile_candidates(head_dim, pass_):
     """[(tile, is_default)]: the plan's tile for head_dim first, then the other candidates."""
-    from cuflash.plan import BWD_TILES, FWD_TILES, HOPPER_FWD_TILES, BwdTile, FwdTile, HopperFwdTile, head_dim_bucket
+    from cuflash import plan
 
-    bucket = head_dim_bucket(head_dim)
+    bucket = plan.head_dim_bucket(head_dim)
     if pass_ == "fwd":
-        defaults = [FWD_TILES[bucket]] + ([HOPPER_FWD_TILES[bucket]] if bucket in HOPPER_FWD_TILES else [])
-        listed = [HopperFwdTile(*t) if len(t) < 4 else FwdTile(*t) for t in TILE_CANDIDATES.get(head_dim, ())]
+        tables, listed = (plan.FWD_TILES, plan.HOPPER_FWD_TILES), [
+            plan.HopperFwdTile(*t) if len(t) < 4 else plan.FwdTile(*t) for t in TILE_CANDIDATES.get(head_dim, ())]
     else:
-        defaults, listed = [BWD_TILES[bucket]], [BwdTile(*t) for t in BWD_TILE_CANDIDATES.get(head_dim, ())]
+        tables, listed = (plan.BWD_TILES, plan.HOPPER_BWD_TILES), [
+            plan.HopperBwdTile(*t) if len(t) < 4 else plan.BwdTile(*t) for t in BWD_TILE_CANDIDATES.get(head_dim, ())]
+    defaults = [table[bucket] for table in tables if bucket in table]
     return [(tile, True) for tile in defaults] + [(tile, False) for tile in listed if tile not in defaults]
 
 
