@@ -69,10 +69,13 @@ def test_variant_compiles(variant, arch):
 
 
 @needs_cuda_headers
-def test_hopper_kernel_refuses_other_targets():
-    """The sm_90a kernel names its target when compiled for another, instead of failing in ptxas."""
-    variant = next(v for v in plan.forward_variants() if plan.is_hopper(v))
-    source, options, _ = compile_.forward_program(variant)
+@pytest.mark.parametrize("program", [
+    compile_.forward_program(next(v for v in plan.forward_variants() if plan.is_hopper(v))),
+    compile_.backward_program(next(v for v in plan.backward_variants() if plan.is_hopper(v))),
+], ids=["forward", "backward"])
+def test_hopper_kernel_refuses_other_targets(program):
+    """An sm_90a kernel names its target when compiled for another, instead of failing in ptxas."""
+    source, options, _ = program
     prog = nvrtc.createProgram(source, "cuflash.cu", [], [])
     try:
         with pytest.raises(nvrtc.NVRTCError):
