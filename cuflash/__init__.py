@@ -1,6 +1,6 @@
 """cuflash: exact FlashAttention for CuPy, PyTorch and JAX arrays, compiled at run time by NVRTC."""
 from .api import backward, dropout_mask, flash_attn_func, forward, warmup
-from .plan import BwdTile, FwdTile, HopperFwdTile
+from .plan import BwdTile, FwdTile, HopperBwdTile, HopperFwdTile
 
 __version__ = "0.1.0"
 
@@ -15,4 +15,4 @@ def cuda_available():
         return False
 
 
-__all__ = ["flash_attn_func", "forward", "backward", "dropout_mask", "warmup", "FwdTile", "HopperFwdTile", "BwdTile", "cuda_available", "__version__"]
+__all__ = ["flash_attn_func", "forward", "backward", "dropout_mask", "warmup", "FwdTile", "HopperFwdTile", "BwdTile", "HopperBwdTile", "cuda_available", "__version__"]

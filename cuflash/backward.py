@@ -6,7 +6,7 @@ import threading
 
 from . import compile as compile_
 from . import dropout, plan, tma
-from .forward import INT32_MAX, LOG2E, compute_capability, smem_limit, use_hopper
+from .forward import INT32_MAX, LOG2E, check_arch, hopper_runs, smem_limit
 from .launch import launch
 
 ROWS_PER_BLOCK = 4  # preprocess and convert_dq: one warp per row, 4 warps per block
@@ -28,10 +28,8 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
     variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id),
-                                    dropout=dropout_p > 0, hopper=use_hopper(device_id) and tma.encodable(q, k, v, dout))
-    if plan.is_hopper(variant) and compute_capability(device_id) != 90:
-        raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
-                         f"is {compute_capability(device_id)}")
+                                    dropout=dropout_p > 0, hopper=hopper_runs(device_id, q, k, v, dout))
+    check_arch(variant, device_id)
     kernels = _prepare(variant, device_id)
     rows = batch * nheads * seqlen_q
     n_blocks = -(-seqlen_k // variant.tile.block_n)

@@ -26,10 +26,8 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
     variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0,
-                                   hopper=use_hopper(device_id) and tma.encodable(q, k, v))
-    if plan.is_hopper(variant) and compute_capability(device_id) != 90:
-        raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
-                         f"is {compute_capability(device_id)}")
+                                   hopper=hopper_runs(device_id, q, k, v))
+    check_arch(variant, device_id)
     kernel, smem = _prepare(variant, device_id)
     m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
     grid = batch * nheads * m_blocks
@@ -71,6 +69,19 @@ def _prepare(variant, device_id):
         kernel.max_dynamic_shared_size_bytes = smem
         _prepared[key] = (kernel, smem)
     return kernel, smem
+
+
+def hopper_runs(device_id, *arrays):
+    """True where the sm_90a kernels take these arrays (interop.ArrayInfo): use_hopper, and a
+    tensor map can read each of them."""
+    return use_hopper(device_id) and tma.encodable(*arrays)
+
+
+def check_arch(variant, device_id):
+    """ValueError unless the device can run the variant's kernel family."""
+    if plan.is_hopper(variant) and compute_capability(device_id) != 90:
+        raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
+                         f"is {compute_capability(device_id)}")
 
 
 def use_hopper(device_id):

@@ -109,6 +109,7 @@ HOPPER_FWD_TILES = {
 }
 HOPPER_HEAD_DIMS = tuple(HOPPER_FWD_TILES)
 HOPPER_WGMMA_N = (64, 128, 256)  # ptx::Wgmma<N> of cuda_src/ptx.cuh: S = Q K^T is Bc wide, O d wide
+HOPPER_SMEM_SLACK = 1024 + 128  # the sm_90a kernels align their tiles to 1 KB, and have < 16 mbarriers
 SMEM_OPTIN_BY_CC = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
@@ -125,7 +126,7 @@ def forward_smem_bytes(head_dim, tile):
     bytes; the sm_90a kernel's tiles are swizzled, unpadded, and 1024-byte aligned by 1 KB of slack,
     and its ring has 3 mbarriers per stage."""
     if isinstance(tile, HopperFwdTile):
-        return (tile.block_m + 2 * tile.stages * tile.block_n) * head_dim * 2 + 1024 + 128  # + mbarriers
+        return (tile.block_m + 2 * tile.stages * tile.block_n) * head_dim * 2 + HOPPER_SMEM_SLACK
     pitch_bytes = (head_dim + 8) * 2
     return (tile.block_m + 2 * tile.stages * tile.block_n) * pitch_bytes
 
@@ -239,7 +240,7 @@ class HopperBwdTile:
             raise ValueError(f"tile: block_m={self.block_m} must be 64 or 128 (wgmma n of S^T)")
         if bucket not in HOPPER_BWD_HEAD_DIMS:
             raise ValueError(f"head-dim bucket {bucket} has no sm_90a backward (those are {HOPPER_BWD_HEAD_DIMS})")
-        if (bucket * self.block_m // 64) // 2 % 64:
+        if (bucket * self.block_m // 64) // (self.block_n // 64) % 64:
             raise ValueError(f"tile: block_m={self.block_m} at d={bucket} cuts dQ into blocks narrower than 64 columns")
         if not 2 <= self.stages <= 4:
             raise ValueError(f"tile: stages={self.stages} must be 2 to 4")
@@ -291,7 +292,7 @@ def backward_smem_bytes(head_dim, tile):
     mbarriers; 1 KB of alignment slack."""
     if isinstance(tile, HopperBwdTile):
         return (2 * tile.block_n * head_dim * 2 + 2 * tile.stages * tile.block_m * head_dim * 2
-                + 2 * tile.block_n * tile.block_m * 2 + tile.stages * 2 * tile.block_m * 4 + 1024 + 128)
+                + 2 * tile.block_n * tile.block_m * 2 + tile.stages * 2 * tile.block_m * 4 + HOPPER_SMEM_SLACK)
     pitch_bytes = (head_dim + 8) * 2
     return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes
             + 2 * tile.block_n * (tile.block_m + 8) * 2 + 4 * tile.block_m * 4)

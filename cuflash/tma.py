@@ -43,42 +43,49 @@ def _encode_tiled():
     return function
 
 
-def _byte_strides(info):
-    """Byte strides of the seqlen, heads and batch axes, or None where TMA cannot express them
-    (a stride that is not a positive multiple of 16 bytes below 2^40 on an axis longer than 1).
-    An axis of length 1 is never stepped, so any legal stride serves it."""
-    batch, seqlen, heads, _ = info.shape
-    strides = []
-    for size, stride in ((seqlen, info.strides[1]), (heads, info.strides[2]), (batch, info.strides[0])):
+def _byte_strides(shape, strides):
+    """Byte strides of the seqlen, heads and batch axes of a (batch, seqlen, heads, d) array of
+    16-bit elements, or None where TMA cannot express them (a stride that is not a positive
+    multiple of 16 bytes below 2^40 on an axis longer than 1). An axis of length 1 is never
+    stepped, so any legal stride serves it."""
+    batch, seqlen, heads, _ = shape
+    byte_strides = []
+    for size, stride in ((seqlen, strides[1]), (heads, strides[2]), (batch, strides[0])):
         stride_bytes = stride * 2
         if size == 1:
             stride_bytes = 16
         elif stride_bytes <= 0 or stride_bytes % 16 or stride_bytes >= _MAX_STRIDE_BYTES:
             return None
-        strides.append(stride_bytes)
-    return strides
+        byte_strides.append(stride_bytes)
+    return byte_strides
 
 
 def encodable(*infos):
     """True if every array can be read through a tensor map."""
-    return all(_byte_strides(info) is not None and info.data_ptr % 16 == 0 for info in infos)
+    return all(_byte_strides(info.shape, info.strides) is not None and info.data_ptr % 16 == 0 for info in infos)
 
 
 def tensor_map(info, rows):
     """The encoded map (bytes) of array `info` (an interop.ArrayInfo of shape (batch, seqlen,
     heads, d), 16-bit elements) for boxes of `rows` rows x PANEL columns."""
-    batch, seqlen, heads, head_dim = info.shape
-    strides = _byte_strides(info)
-    if strides is None:
-        raise ValueError(f"array with strides {info.strides} cannot be read through a TMA tensor map")
+    return _tensor_map(info.data_ptr, info.shape, info.strides, info.dtype, rows)
+
+
+# A map is a function of these values alone; remembering recent ones saves the driver call (a
+# few microseconds per map) on the repeated shapes of a training loop.
+@functools.lru_cache(maxsize=256)
+def _tensor_map(data_ptr, shape, strides, dtype, rows):
+    batch, seqlen, heads, head_dim = shape
+    steps = _byte_strides(shape, strides)
+    if steps is None:
+        raise ValueError(f"array with strides {strides} cannot be read through a TMA tensor map")
     dims = (ctypes.c_uint64 * 4)(head_dim, seqlen, heads, batch)
-    byte_strides = (ctypes.c_uint64 * 3)(*strides)
+    byte_strides = (ctypes.c_uint64 * 3)(*steps)
     box = (ctypes.c_uint32 * 4)(PANEL, rows, 1, 1)
     element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
     result = TensorMap()
-    status = _encode_tiled()(ctypes.byref(result), _DATA_TYPE[info.dtype], 4, info.data_ptr, dims, byte_strides, box,
+    status = _encode_tiled()(ctypes.byref(result), _DATA_TYPE[dtype], 4, data_ptr, dims, byte_strides, box,
                              element_strides, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZERO)
     if status != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for shape {info.shape}, "
-                           f"strides {info.strides}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for shape {shape}, strides {strides}")
     return bytes(result)
