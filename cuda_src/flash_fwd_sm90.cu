@@ -1,20 +1,23 @@
-// FlashAttention forward, Hopper path (sm_90a): TMA loads through an mbarrier ring, a producer
-// warp, consumer warpgroups on wgmma, and the P V of one K/V tile overlapping the softmax of the
-// next.
+// FlashAttention forward, Hopper path (sm_90a): a persistent grid of CTAs, TMA loads through an
+// mbarrier ring, a producer warpgroup, consumer warpgroups on wgmma, and the P V of one K/V tile
+// overlapping the softmax of the next.
 //
-// One CTA computes one (BLOCK_M, HEAD_DIM) tile of O for one (batch, head). Warpgroup 0 is the
-// producer: one thread issues the TMA copies of Q (once) and of each K/V tile into a ring of
-// STAGES slots, each copy completing on a "full" mbarrier; it reuses a slot once the consumers
-// arrive on its "empty" mbarrier. setmaxnreg gives the producer 24 registers and the consumers
-// the rest. Warpgroups 1..BLOCK_M/64 are the consumers, 64 query rows each: S = Q K^T is a wgmma
-// reading the 128-byte-swizzled tiles TMA wrote (warpgroup_gemm.cuh); S comes back in registers
-// in the layout the mma.sync kernel uses, so the online softmax is shared (online_softmax.cuh);
-// O += P V takes P from registers. Per K/V tile t (visited from the last, masked, to the first):
+// Each CTA walks (BLOCK_M, HEAD_DIM) tiles of O in the order of tile_scheduler.cuh, one SM each,
+// so that one tile's epilogue runs while the next one's Q and K/V arrive. Warpgroup 0 is the
+// producer: one thread issues the TMA copies of each K/V tile into a ring of STAGES slots (a
+// "full" mbarrier each), reusing a slot once the consumers arrive on its "empty" mbarrier; a
+// thread of another warp copies each tile's Q once the consumers have issued their last S of
+// the previous tile. setmaxnreg gives the producer 24 registers and the consumers the rest.
+// Warpgroups 1..BLOCK_M/64 are the consumers, 64 query rows each: S = Q K^T is a wgmma reading
+// the 128-byte-swizzled tiles TMA wrote (warpgroup_gemm.cuh); S comes back in registers in the
+// layout the mma.sync kernel uses, so the online softmax is shared (online_softmax.cuh); O += P V
+// takes P from registers. Per K/V tile t (visited from the last, masked, to the first):
 //   issue S_t = Q K_t^T;  issue O += P_{t-1} V_{t-1};  wait for S_t;  softmax of S_t -> P_t
 //   (the tensor cores meanwhile run P_{t-1} V_{t-1});  wait for O;  release slot t-1;  O *= alpha_t.
-// The consumers never wait for each other until the epilogue, so one's softmax can run under
-// another's GEMMs.
+// The consumers never wait for each other, so one's softmax or epilogue runs under another's
+// GEMMs; O goes from registers straight to global memory, as shared memory holds the next Q.
 #include "online_softmax.cuh"
+#include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -30,10 +33,14 @@ constexpr int kConsumerThreads = 128 * kConsumers;
 constexpr int kThreads = 128 + kConsumerThreads;
 constexpr int kNT = BLOCK_N / 8;
 constexpr int kDT = HEAD_DIM / 8;
-// Registers per thread after setmaxnreg: 65536 in all, in multiples of 8, at most 240.
+// Registers per thread: the launch gives every thread kLaunchRegs (65536 over the block, in
+// multiples of 8); setmaxnreg moves the producer's surplus to the consumers (at most 240 each).
+// 24 for the producer leaves the consumers 240 at Br = 128, which measured faster than 232 with
+// 40 for the producer, whose copy thread then spills a few bytes outside its copy loop.
+constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
 constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = (65536 / 128 - kProducerRegs) / kConsumers / 8 * 8 < 240
-                                  ? (65536 / 128 - kProducerRegs) / kConsumers / 8 * 8 : 240;
+constexpr int kConsumerRegs = (kLaunchRegs * kThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8 < 240
+                                  ? (kLaunchRegs * kThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8 : 240;
 static_assert(BLOCK_M % 64 == 0, "whole warpgroups of 64 rows");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma n is a multiple of 8 up to 256; P V takes keys 16 at a time");
 constexpr unsigned kQBytes = kBlockM * HEAD_DIM * 2, kKVBytes = kBlockN * HEAD_DIM * 2;
@@ -43,36 +50,34 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                const __grid_constant__ TmaDesc tma_v, elem_t* __restrict__ o, float* __restrict__ lse,
                int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
                int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-               int num_m_blocks, float scale_log2,
+               int num_m_blocks, int num_bh, float scale_log2,
                unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     // Swizzle atoms must be 1024-byte aligned; the launcher adds 1 KB of slack.
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned misalign = smem_u32(smem_raw) % 1024;
-    elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Br, d), later O
+    elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Br, d)
     elem_t* sK = sQ + kBlockM * HEAD_DIM;             // kStages x (Bc, d)
     elem_t* sV = sK + kStages * kBlockN * HEAD_DIM;   // kStages x (Bc, d)
-    const unsigned bar_q = smem_u32(sV + kStages * kBlockN * HEAD_DIM);  // 8-byte mbarriers
-    auto full_k = [&](int t) { return bar_q + 8 * (1 + t % kStages); };
-    auto full_v = [&](int t) { return bar_q + 8 * (1 + kStages + t % kStages); };
-    auto empty = [&](int t) { return bar_q + 8 * (1 + 2 * kStages + t % kStages); };
-    auto phase = [](int t) { return static_cast<unsigned>(t / kStages) & 1; };
+    const unsigned full_q = smem_u32(sV + kStages * kBlockN * HEAD_DIM);  // 8-byte mbarriers
+    const unsigned empty_q = full_q + 8;
+    // Ring position r counts K/V tiles over all of the CTA's tiles of O.
+    auto full_k = [&](int r) { return full_q + 8 * (2 + r % kStages); };
+    auto full_v = [&](int r) { return full_q + 8 * (2 + kStages + r % kStages); };
+    auto empty = [&](int r) { return full_q + 8 * (2 + 2 * kStages + r % kStages); };
+    auto phase = [](int r) { return static_cast<unsigned>(r / kStages) & 1; };
 
-    const int bh = blockIdx.x / num_m_blocks;
-    int m_block = blockIdx.x % num_m_blocks;
-    if (IS_CAUSAL) m_block = num_m_blocks - 1 - m_block;  // heaviest causal tiles first
-    const int batch = bh / num_heads, head = bh % num_heads;
-    const int head_k = head / (num_heads / num_heads_k);
-    const int m0 = m_block * kBlockM;
+    const TileSchedule schedule{num_m_blocks, num_bh};
     const int diag = seqlen_k - seqlen_q;
-    const int n_tiles = kv_blocks_visited(m0, kBlockM, kBlockN, seqlen_k, diag);
-    auto key0 = [&](int t) { return (n_tiles - 1 - t) * kBlockN; };
+    const int group = num_heads / num_heads_k;
+    auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(m_block * kBlockM, kBlockM, kBlockN, seqlen_k, diag); };
 
     if (threadIdx.x == 0) {
-        ptx::mbar_init(bar_q, 1);
+        ptx::mbar_init(full_q, 1);
+        ptx::mbar_init(empty_q, kConsumerThreads / 32);  // lane 0 of every consumer warp
         for (int s = 0; s < kStages; ++s) {
             ptx::mbar_init(full_k(s), 1);
             ptx::mbar_init(full_v(s), 1);
-            ptx::mbar_init(empty(s), kConsumerThreads / 32);  // lane 0 of every consumer warp
+            ptx::mbar_init(empty(s), kConsumerThreads / 32);
         }
         ptx::fence_mbar_init();
     }
@@ -80,17 +85,29 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
 
     if (threadIdx.x < 128) {  // producer warpgroup
         ptx::setmaxnreg_dec<kProducerRegs>();
-        if (threadIdx.x == 0 && n_tiles > 0) {
-            ptx::mbar_arrive_expect_tx(bar_q, kQBytes);
-            tma_load_tile<kBlockM>(sQ, tma_q, m0, head, batch, bar_q);
-            for (int t = 0; t < n_tiles; ++t) {
-                if (t >= kStages) ptx::mbar_wait(empty(t), phase(t) ^ 1);
-                const int slot = (t % kStages) * kBlockN * HEAD_DIM;
-                ptx::mbar_arrive_expect_tx(full_k(t), kKVBytes);
-                tma_load_tile<kBlockN>(sK + slot, tma_k, key0(t), head_k, batch, full_k(t));
-                ptx::mbar_arrive_expect_tx(full_v(t), kKVBytes);
-                tma_load_tile<kBlockN>(sV + slot, tma_v, key0(t), head_k, batch, full_v(t));
-            }
+        if (threadIdx.x == 0) {  // K/V tiles
+            int ring = 0;
+            for_each_tile(schedule, [&](int bh, int m_block) {
+                const int batch = bh / num_heads, head_k = bh % num_heads / group;
+                const int n_tiles = n_tiles_of(m_block);
+                for (int t = 0; t < n_tiles; ++t, ++ring) {
+                    if (ring >= kStages) ptx::mbar_wait(empty(ring), phase(ring) ^ 1);
+                    const int slot = (ring % kStages) * kBlockN * HEAD_DIM, n0 = (n_tiles - 1 - t) * kBlockN;
+                    ptx::mbar_arrive_expect_tx(full_k(ring), kKVBytes);
+                    tma_load_tile<kBlockN>(sK + slot, tma_k, n0, head_k, batch, full_k(ring));
+                    ptx::mbar_arrive_expect_tx(full_v(ring), kKVBytes);
+                    tma_load_tile<kBlockN>(sV + slot, tma_v, n0, head_k, batch, full_v(ring));
+                }
+            });
+        } else if (threadIdx.x == 32) {  // Q tiles, each once the last S of the previous one is issued
+            int q_tiles = 0;
+            for_each_tile(schedule, [&](int bh, int m_block) {
+                if (n_tiles_of(m_block) == 0) return;
+                if (q_tiles > 0) ptx::mbar_wait(empty_q, (q_tiles - 1) & 1);
+                ptx::mbar_arrive_expect_tx(full_q, kQBytes);
+                tma_load_tile<kBlockM>(sQ, tma_q, m_block * kBlockM, bh % num_heads, bh / num_heads, full_q);
+                ++q_tiles;
+            });
         }
         return;
     }
@@ -100,75 +117,90 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     const int wg_row0 = (tid / 128) * 64;             // the warpgroup's rows of the tile
     const int warp_row0 = (tid / 32) * 16;            // the warp's rows, as in the mma C layout
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
+    int ring = 0, q_tiles = 0;
 
-    float acc_o[1][kDT][4];  // this thread's part of the warpgroup's (64, d) O, unnormalised
-    float m_i[1][2], l_i[1][2];
-    zero(acc_o);
-    m_i[0][0] = m_i[0][1] = neg_inf();
-    l_i[0][0] = l_i[0][1] = 0.f;
+    for_each_tile(schedule, [&](int bh, int m_block) {
+        const int m0 = m_block * kBlockM;
+        const int n_tiles = n_tiles_of(m_block);
+        auto key0 = [&](int t) { return (n_tiles - 1 - t) * kBlockN; };
 
-    if (n_tiles > 0) {
-        float acc_s[1][kNT][4];
-        float alpha[1][2];
-        unsigned p[1][kBlockN / 16][4];  // P_{t-1}: the A operand of the P V in flight
-        // The waits for the tiles come before the wgmma_fence: ptxas injects a fence of its own
-        // into a GEMM that a spin loop separates from the last one.
-        auto issue_s = [&](int t) {      // S_t = Q K_t^T
-            wg_gemm_abt<kBlockN, kBlockM>(acc_s[0], sQ + wg_row0 * 64, sK + (t % kStages) * kBlockN * HEAD_DIM);
-            ptx::wgmma_commit();
-        };
-        auto issue_pv = [&](int t) {     // O += P_t V_t
-            wg_gemm_rs<kBlockN>(acc_o[0], p[0], sV + (t % kStages) * kBlockN * HEAD_DIM);
-            ptx::wgmma_commit();
-        };
-        auto softmax = [&](int t) {      // S_t -> P_t in place; m, l updated, alpha left for O
-            fence_regs(acc_s);
-            const int n0 = key0(t);
-            if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, seqlen_k, diag);
-            softmax_update(acc_s, m_i, l_i, alpha, scale_log2);
-            if (IS_DROPOUT) drop_scores(acc_s, rng, bh, m0 + warp_row0, n0);
-        };
+        float acc_o[1][kDT][4];  // this thread's part of the warpgroup's (64, d) O, unnormalised
+        float m_i[1][2], l_i[1][2];
+        zero(acc_o);
+        m_i[0][0] = m_i[0][1] = neg_inf();
+        l_i[0][0] = l_i[0][1] = 0.f;
 
-        // The wgmma operands written by ordinary instructions (acc_o, p) are pinned before each
-        // wgmma_fence, or their writes may sink past it.
-        ptx::mbar_wait(bar_q, 0);
-        ptx::mbar_wait(full_k(0), phase(0));
-        ptx::wgmma_fence();
-        issue_s(0);
-        ptx::wgmma_wait<0>();
-        softmax(0);
-        acc_to_a_frags(p, acc_s);
-        for (int t = 1; t < n_tiles; ++t) {
+        if (n_tiles > 0) {
+            float acc_s[1][kNT][4];
+            float alpha[1][2];
+            unsigned p[1][kBlockN / 16][4];  // P_{t-1}: the A operand of the P V in flight
+            const int r0 = ring;
+            // The waits for the tiles come before the wgmma_fence: ptxas injects a fence of its own
+            // into a GEMM that a spin loop separates from the last one.
+            auto issue_s = [&](int t) {      // S_t = Q K_t^T
+                wg_gemm_abt<kBlockN, kBlockM>(acc_s[0], sQ + wg_row0 * 64, sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
+                ptx::wgmma_commit();
+            };
+            auto issue_pv = [&](int t) {     // O += P_t V_t
+                wg_gemm_rs<kBlockN>(acc_o[0], p[0], sV + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
+                ptx::wgmma_commit();
+            };
+            auto softmax = [&](int t) {      // S_t -> P_t in place; m, l updated, alpha left for O
+                fence_regs(acc_s);
+                const int n0 = key0(t);
+                if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, seqlen_k, diag);
+                softmax_update(acc_s, m_i, l_i, alpha, scale_log2);
+                if (IS_DROPOUT) drop_scores(acc_s, rng, bh, m0 + warp_row0, n0);
+            };
+            auto release_q = [&]() {         // every S of this tile has been read out of sQ
+                if (tid % 32 == 0) ptx::mbar_arrive(empty_q);
+            };
+
+            // The wgmma operands written by ordinary instructions (acc_o, p) are pinned before each
+            // wgmma_fence, or their writes may sink past it.
+            fence_regs(acc_o);
+            ptx::mbar_wait(full_q, q_tiles & 1);
+            ptx::mbar_wait(full_k(r0), phase(r0));
+            ptx::wgmma_fence();
+            issue_s(0);
+            ptx::wgmma_wait<0>();
+            if (n_tiles == 1) release_q();
+            softmax(0);
+            acc_to_a_frags(p, acc_s);
+            for (int t = 1; t < n_tiles; ++t) {
+                fence_regs(acc_o);
+                fence_regs(p);
+                ptx::mbar_wait(full_k(r0 + t), phase(r0 + t));
+                ptx::mbar_wait(full_v(r0 + t - 1), phase(r0 + t - 1));
+                ptx::wgmma_fence();
+                issue_s(t);
+                issue_pv(t - 1);
+                ptx::wgmma_wait<1>();
+                if (t == n_tiles - 1) release_q();
+                softmax(t);
+                ptx::wgmma_wait<0>();
+                fence_regs(acc_o);
+                fence_regs(p);
+                if (tid % 32 == 0) ptx::mbar_arrive(empty(r0 + t - 1));
+                rescale_rows(acc_o, alpha);
+                acc_to_a_frags(p, acc_s);
+            }
             fence_regs(acc_o);
             fence_regs(p);
-            ptx::mbar_wait(full_k(t), phase(t));
-            ptx::mbar_wait(full_v(t - 1), phase(t - 1));
+            ptx::mbar_wait(full_v(r0 + n_tiles - 1), phase(r0 + n_tiles - 1));
             ptx::wgmma_fence();
-            issue_s(t);
-            issue_pv(t - 1);
-            ptx::wgmma_wait<1>();
-            softmax(t);
+            issue_pv(n_tiles - 1);
             ptx::wgmma_wait<0>();
             fence_regs(acc_o);
             fence_regs(p);
-            if (tid % 32 == 0) ptx::mbar_arrive(empty(t - 1));
-            rescale_rows(acc_o, alpha);
-            acc_to_a_frags(p, acc_s);
+            if (tid % 32 == 0) ptx::mbar_arrive(empty(r0 + n_tiles - 1));
+            ring += n_tiles;
+            ++q_tiles;
         }
-        fence_regs(acc_o);
-        fence_regs(p);
-        ptx::mbar_wait(full_v(n_tiles - 1), phase(n_tiles - 1));
-        ptx::wgmma_fence();
-        issue_pv(n_tiles - 1);
-        ptx::wgmma_wait<0>();
-        fence_regs(acc_o);
-        fence_regs(p);
-    }
 
-    // Each warp stages only its own rows of sQ, whose readers (this warpgroup's wgmma) are done.
-    normalize_rows(acc_o, m_i, l_i, rp_dropout, lse + static_cast<int64>(bh) * seqlen_q, m0 + warp_row0, seqlen_q);
-    store_acc_swizzled<kBlockM>(sQ, acc_o, warp_row0);
-    ptx::named_barrier(1, kConsumerThreads);
-    store_tile_swizzled<kBlockM, kConsumerThreads>(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride,
-                                                   sQ, o_row_stride, seqlen_q - m0, head_dim, tid);
+        const int batch = bh / num_heads, head = bh % num_heads;
+        normalize_rows(acc_o, m_i, l_i, rp_dropout, lse + static_cast<int64>(bh) * seqlen_q, m0 + warp_row0, seqlen_q);
+        store_acc_rows(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride, acc_o, warp_row0,
+                       o_row_stride, seqlen_q - m0, head_dim);
+    });
 }

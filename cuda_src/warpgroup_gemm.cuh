@@ -49,6 +49,24 @@ __device__ __forceinline__ void store_acc_swizzled(elem_t* s, const float (&acc)
         }
 }
 
+// Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.. of a tile at g, straight
+// to global memory, two elements per store; rows >= rows_valid and columns >= head_dim are skipped.
+template <int DT>
+__device__ __forceinline__ void store_acc_rows(elem_t* g, const float (&acc)[1][DT][4], int row0, int64 row_stride,
+                                               int rows_valid, int head_dim) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int r = row0 + acc_row(0, 2 * hh);
+        if (r >= rows_valid) continue;
+        elem_t* row = g + r * row_stride;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const int c = acc_col(dt, 0);
+            if (c < head_dim) *reinterpret_cast<unsigned*>(row + c) = ptx::pack2<elem_t>(acc[0][dt][2 * hh], acc[0][dt][2 * hh + 1]);
+        }
+    }
+}
+
 // Copy the first rows_valid rows and head_dim columns of a swizzled tile to global memory, with
 // NTHREADS threads numbered by tid.
 template <int ROWS, int NTHREADS>

@@ -30,21 +30,25 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     check_arch(variant, device_id)
     kernel, smem = _prepare(variant, device_id)
     m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
-    grid = batch * nheads * m_blocks
-    if grid > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
-        raise ValueError(f"problem too large for one launch: {grid} tiles, seqlens {seqlen_q} and {seqlen_k}")
-    shape_args = (seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, softmax_scale * LOG2E,
-                  *dropout.kernel_args(dropout_p, seed, offset))
+    tiles = batch * nheads * m_blocks
+    if tiles > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
+        raise ValueError(f"problem too large for one launch: {tiles} tiles, seqlens {seqlen_q} and {seqlen_k}")
+    scale_log2 = softmax_scale * LOG2E
+    rng = dropout.kernel_args(dropout_p, seed, offset)
     if plan.is_hopper(variant):
-        # q, k and v travel as TMA tensor maps (tma.encodable holds unless a HopperFwdTile forced it).
+        # q, k and v travel as TMA tensor maps (tma.encodable holds unless a HopperFwdTile forced it);
+        # one persistent CTA per SM walks the tiles.
         maps = (tma.tensor_map(q, variant.tile.block_m), tma.tensor_map(k, variant.tile.block_n),
                 tma.tensor_map(v, variant.tile.block_n))
-        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s2Q3q6if4If", *maps,
-               o.data_ptr, lse.data_ptr, *(o.strides[axis] for axis in (0, 1, 2)), *shape_args)
+        grid = min(plan.persistent_units(batch * nheads, m_blocks, causal), sm_count(device_id))
+        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s2Q3q7if4If",
+               *maps, o.data_ptr, lse.data_ptr, *(o.strides[axis] for axis in (0, 1, 2)),
+               seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, batch * nheads, scale_log2, *rng)
     else:
-        launch(kernel, grid, variant.tile.threads, smem, stream, "5Q12q6if4If",
+        launch(kernel, tiles, variant.tile.threads, smem, stream, "5Q12q6if4If",
                q.data_ptr, k.data_ptr, v.data_ptr, o.data_ptr, lse.data_ptr,
-               *(a.strides[axis] for a in (q, k, v, o) for axis in (0, 1, 2)), *shape_args)
+               *(a.strides[axis] for a in (q, k, v, o) for axis in (0, 1, 2)),
+               seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, *rng)
 
 
 _prepared = {}
@@ -105,3 +109,11 @@ def smem_limit(device_id):
     import cupy
 
     return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_id):
+    """Streaming multiprocessors of a device: the persistent kernels' grid."""
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)

@@ -177,6 +177,27 @@ def num_m_blocks(seqlen_q, tile):
     return -(-seqlen_q // tile.block_m)
 
 
+def persistent_units(num_bh, num_m_blocks, causal):
+    """Work units of the persistent forward (cuda_src/tile_scheduler.cuh): pairs of m blocks
+    under causal, single ones otherwise. No more CTAs than units are launched."""
+    return num_bh * ((num_m_blocks + 1) // 2 if causal else num_m_blocks)
+
+
+def persistent_schedule(num_m_blocks, num_bh, grid, causal):
+    """The (bh, m_block) tiles each of `grid` persistent CTAs computes, in order: the CPU mirror
+    of cuda_src/tile_scheduler.cuh."""
+    units_per_head = persistent_units(1, num_m_blocks, causal)
+    schedule = []
+    for cta in range(grid):
+        tiles = []
+        for unit in range(cta, num_bh * units_per_head, grid):
+            bh, p = divmod(unit, units_per_head)
+            pair = (num_m_blocks - 1 - p, p) if causal else (p,)
+            tiles += [(bh, m_block) for m_block in dict.fromkeys(pair)]
+        schedule.append(tiles)
+    return schedule
+
+
 # ---- backward -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from accuracy import assert_2x
-from test_forward_gpu import PATHS, forward_path, problems, qkv, randn
+from test_forward_gpu import FAMILIES, forward_path, problems, qkv, randn
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
@@ -44,7 +44,7 @@ def rows_that_see_a_key(p):
     return p["batch"] * p["nheads"] * rows
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", FAMILIES)
 @settings(max_examples=80, deadline=None)
 @given(problems(max_seqlen=1500, max_batch=2, max_scores=3e7, deterministic=st.booleans()))
 def test_backward_fuzz(path, p):
@@ -57,7 +57,7 @@ def test_backward_fuzz(path, p):
         check_backward(q, k, v, p["causal"], p["softmax_scale"], p["deterministic"], layout=p["layout"], seed=p["seed"])
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", FAMILIES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 239, 1), (1, 1, 239), (1, 3000, 2999), (2, 77, 1500)])
 @pytest.mark.parametrize("causal", [False, True])

@@ -6,6 +6,7 @@ a compute capability 9.0 GPU, for the head dims that have one) and the portable 
 """
 import contextlib
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -35,21 +36,28 @@ def randn(shape, dtype, layout="contiguous", seed=0):
             "padded": lambda: x[..., :d]}[layout]()
 
 
-PATHS = ["default", "portable"]
+FAMILIES = ["default", "portable"]
+PATHS = FAMILIES + ["3_ctas"]
 
 
 @contextlib.contextmanager
 def forward_path(path):
-    """Run on `path` ("portable" sets CUFLASH_PORTABLE=1: no sm_90a kernels) for the duration."""
-    saved = os.environ.get("CUFLASH_PORTABLE")
+    """Run on `path` for the duration: "portable" sets CUFLASH_PORTABLE=1 (no sm_90a kernels);
+    "3_ctas" gives the persistent sm_90a forward a grid of 3 CTAs, so that small problems too
+    walk many tiles per CTA."""
+    forward = sys.modules["cuflash.forward"]  # the module, which cuflash.forward (the function) hides
+    saved = os.environ.get("CUFLASH_PORTABLE"), forward.sm_count
     os.environ["CUFLASH_PORTABLE"] = "1" if path == "portable" else "0"
+    if path == "3_ctas":
+        forward.sm_count = lambda device_id: 3
     try:
         yield
     finally:
-        if saved is None:
+        forward.sm_count = saved[1]
+        if saved[0] is None:
             del os.environ["CUFLASH_PORTABLE"]
         else:
-            os.environ["CUFLASH_PORTABLE"] = saved
+            os.environ["CUFLASH_PORTABLE"] = saved[0]
 
 
 def poisoned(shape, dtype):

@@ -176,6 +176,26 @@ def test_hopper_tile_check_rejects(tile, bucket, message):
         tile.check(bucket)
 
 
+@given(num_m_blocks=st.integers(1, 40), num_bh=st.integers(1, 40), grid=st.integers(1, 140), causal=st.booleans())
+def test_persistent_schedule_covers_every_tile_once(num_m_blocks, num_bh, grid, causal):
+    grid = min(grid, plan.persistent_units(num_bh, num_m_blocks, causal))
+    tiles = [tile for cta in plan.persistent_schedule(num_m_blocks, num_bh, grid, causal) for tile in cta]
+    assert sorted(tiles) == sorted(itertools.product(range(num_bh), range(num_m_blocks)))
+
+
+@pytest.mark.parametrize("num_m_blocks, num_bh, grid", [(128, 16, 132), (16, 128, 132), (33, 5, 132), (7, 3, 4)])
+def test_persistent_causal_schedule_is_balanced(num_m_blocks, num_bh, grid):
+    """A causal m block visits m + 1 K/V tiles (seqlen_q = seqlen_k): each CTA takes the longer
+    m block of a pair first, every pair costs num_m_blocks + 1 tiles, and the CTAs' unit counts
+    differ by one at most."""
+    for cta in plan.persistent_schedule(num_m_blocks, num_bh, grid, causal=True):
+        for (bh_a, m_a), (bh_b, m_b) in zip(cta, cta[1:]):
+            if bh_a == bh_b and (m_a + 1) + (m_b + 1) == num_m_blocks + 1:  # a pair
+                assert m_a > m_b
+    counts = [len(range(cta, plan.persistent_units(num_bh, num_m_blocks, True), grid)) for cta in range(grid)]
+    assert max(counts) - min(counts) <= 1
+
+
 # ---- backward ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bucket", plan.HEAD_DIM_BUCKETS)
