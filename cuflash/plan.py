@@ -103,10 +103,15 @@ FWD_DROPOUT_TILES = {64: FwdTile(128, 64, 4)}
 # consumer thread: O takes d/2, S Bc/2, P (two tiles in flight) Bc/2. A third K/V slot is worth
 # 1.4x at d64 and 2x at d128 over two (bf16, s=16k: 445 vs 324 and 623 vs 447 TFLOP/s, bench --tiles).
 HOPPER_FWD_TILES = {
-    64: HopperFwdTile(128, 128, 3),   # 113 KB
+    # d64: 3 consumer warpgroups (160 registers each) overlap more softmax with GEMMs than 2:
+    # bf16 s = 2k / 4k / 16k, 465 / 467 / 490 TFLOP/s against 409 / 420 / 431 for (128, 128, 3).
+    64: HopperFwdTile(192, 128, 3),   # 121 KB
     128: HopperFwdTile(128, 128, 3),  # 225 KB of the H100's 227
     256: HopperFwdTile(128, 64, 2),   # 193 KB; O alone is 128 registers
 }
+# With dropout the Philox calls need registers that 3 consumer warpgroups (160 each) lack: d64's
+# (192, 128) tile spills 188 bytes there, (128, 128) none.
+HOPPER_FWD_DROPOUT_TILES = {64: HopperFwdTile(128, 128, 3)}
 HOPPER_HEAD_DIMS = tuple(HOPPER_FWD_TILES)
 HOPPER_WGMMA_N = (64, 128, 256)  # ptx::Wgmma<N> of cuda_src/ptx.cuh: S = Q K^T is Bc wide, O d wide
 HOPPER_SMEM_SLACK = 1024 + 128  # the sm_90a kernels align their tiles to 1 KB, and have < 16 mbarriers
@@ -151,7 +156,7 @@ def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout
     (FwdTile or HopperFwdTile) picks the kernel."""
     bucket = head_dim_bucket(head_dim)
     if tile is None and hopper and bucket in HOPPER_FWD_TILES:
-        tile = HOPPER_FWD_TILES[bucket]
+        tile = HOPPER_FWD_DROPOUT_TILES.get(bucket, HOPPER_FWD_TILES[bucket]) if dropout else HOPPER_FWD_TILES[bucket]
     if tile is None:
         tile = FWD_DROPOUT_TILES.get(bucket, FWD_TILES[bucket]) if dropout else FWD_TILES[bucket]
         tile = tile if smem_limit is None else fit_tile(tile, bucket, smem_limit)

@@ -133,6 +133,12 @@ def test_hopper_dispatch(bucket, dropout):
     assert not plan.is_hopper(plan.forward_variant("bfloat16", bucket, True, smem_limit=H100_SMEM_OPTIN, dropout=dropout))
 
 
+def test_hopper_d64_dropout_keeps_two_consumer_warpgroups():
+    """Three consumer warpgroups have 160 registers each, too few for the Philox calls."""
+    assert plan.forward_variant("bfloat16", 64, False, hopper=True).tile == HopperFwdTile(192, 128, 3)
+    assert plan.forward_variant("bfloat16", 64, False, hopper=True, dropout=True).tile == HopperFwdTile(128, 128, 3)
+
+
 def test_hopper_head_dims_below_a_bucket_are_padded():
     variant = plan.forward_variant("float16", 100, False, hopper=True)
     assert variant.head_dim == 128 and variant.tile == plan.HOPPER_FWD_TILES[128]
