@@ -4,7 +4,8 @@
 //                       P = 0 there); zeroes the float32 dQ accumulator.
 // flash_bwd_dkdv        one CTA per (K/V tile j, batch, kv head). K_j and V_j stay in shared
 //                       memory; the CTA walks every query head of its kv head's group and every Q
-//                       tile i that can see tile j (Q_i, dO_i, lse2_i, D_i double-buffered), and
+//                       tile i that can see tile j, in KvBlockWork's order (tile_scheduler.cuh)
+//                       (Q_i, dO_i, lse2_i, D_i double-buffered), and
 //                       recomputes P from the saved LSE instead of storing it:
 //                         S^T = K_j Q_i^T     P^T = exp2(S^T * scale_log2 - lse2_i)
 //                         dP^T = V_j dO_i^T   dS^T = P^T * (dP^T - D_i)
@@ -21,6 +22,7 @@
 // scales of dV (rp_dropout) and of dK and dQ (scale = softmax_scale / (1 - p)); the preprocess
 // writes D' (d_scale = 1 - p).
 #include "softmax_backward.cuh"
+#include "tile_scheduler.cuh"
 #include "bwd_passes.cuh"
 
 // Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
@@ -77,20 +79,15 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     float* sLse2 = reinterpret_cast<float*>(sdSt + kBlockN * kPitchP);  // 2 x Br
     float* sD = sLse2 + 2 * kBlockM;                                      // 2 x Br
 
-    const int bhk = blockIdx.x / num_n_blocks, n_block = blockIdx.x % num_n_blocks;
-    const int batch = bhk / num_heads_k, head_k = bhk % num_heads_k;
-    const int group = num_heads / num_heads_k;
-    const int n0 = n_block * kBlockN, diag = seqlen_k - seqlen_q;
-    // Under causal, query row i sees key n0 only from row n0 - diag on.
-    const int m_block_min = IS_CAUSAL ? max(0, n0 - diag) / kBlockM : 0;
-    const int m_blocks = max(0, ceil_div(seqlen_q, kBlockM) - m_block_min);
-    const int n_iters = group * m_blocks;  // (query head, Q tile) pairs
+    const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
+    const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
+    const int diag = seqlen_k - seqlen_q;
 
     const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
     const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
     // Q_i, dO_i, lse2_i, D_i of iteration `it` into buffer `stage`.
     auto load_q_tile = [&](int it, int stage) {
-        const int head = head_k * group + it / m_blocks, m0 = (m_block_min + it % m_blocks) * kBlockM;
+        const int head = work.head(it), m0 = work.m_block(it) * kBlockM;
         const int64 stats = static_cast<int64>(batch * num_heads + head) * seqlen_q_pad + m0;
         load_tile_async<kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
                                            q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
@@ -112,7 +109,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
 
     for (int it = 0; it < n_iters; ++it) {
         const int stage = it % 2;
-        const int head = head_k * group + it / m_blocks, m0 = (m_block_min + it % m_blocks) * kBlockM;
+        const int head = work.head(it), m0 = work.m_block(it) * kBlockM;
         // Tile i has landed; every warp is done with iteration i-1 (its buffers and sPt, sdSt).
         ptx::cp_async_wait<0>();
         __syncthreads();

@@ -3,7 +3,8 @@
 // (bwd_passes.cuh). The algorithm and the dropout algebra are flash_bwd.cu's.
 //
 // One CTA owns Bc = BLOCK_N keys of one (batch, kv head) and walks every (query head of the
-// group, Q tile of Br = BLOCK_M rows) that sees them. Warpgroup 0 produces: one thread copies K
+// group, Q tile of Br = BLOCK_M rows) that sees them, in KvBlockWork's order (tile_scheduler.cuh).
+// Warpgroup 0 produces: one thread copies K
 // and V once and each Q_i, dO_i by TMA into a ring of STAGES slots (a "full" mbarrier each);
 // warp 1 copies lse2_i and D_i into the same slot (zeros past seqlen_q) and arrives on a stats
 // mbarrier. Warpgroups 1..Bc/64 consume, 64 keys each; per Q tile:
@@ -14,6 +15,7 @@
 //   with red.global.add; then the slot is released.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
 #include "softmax_backward.cuh"
+#include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
 #include "bwd_passes.cuh"
 
@@ -63,16 +65,11 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     auto empty = [&](int i) { return bar_kv + 8 * (1 + 2 * kStages + i % kStages); };
     auto phase = [](int i) { return static_cast<unsigned>(i / kStages) & 1; };
 
-    const int bhk = blockIdx.x / num_n_blocks, n_block = blockIdx.x % num_n_blocks;
-    const int batch = bhk / num_heads_k, head_k = bhk % num_heads_k;
-    const int group = num_heads / num_heads_k;
-    const int n0 = n_block * kBlockN, diag = seqlen_k - seqlen_q;
-    // Under causal, query row i sees key n0 only from row n0 - diag on.
-    const int m_block_min = IS_CAUSAL ? max(0, n0 - diag) / kBlockM : 0;
-    const int m_blocks = max(0, ceil_div(seqlen_q, kBlockM) - m_block_min);
-    const int n_iters = group * m_blocks;  // (query head, Q tile) pairs
-    auto head_of = [&](int i) { return head_k * group + i / m_blocks; };
-    auto m0_of = [&](int i) { return (m_block_min + i % m_blocks) * kBlockM; };
+    const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
+    const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
+    const int diag = seqlen_k - seqlen_q;
+    auto head_of = [&](int i) { return work.head(i); };
+    auto m0_of = [&](int i) { return work.m_block(i) * kBlockM; };
 
     if (threadIdx.x == 0) {
         ptx::mbar_init(bar_kv, 1);

@@ -1,4 +1,5 @@
-// The order in which the persistent CTAs of a launch walk its (batch * head, m block) tiles.
+// The order in which CTAs walk their tiles: the persistent forward's (batch * head, m block)
+// tiles (TileSchedule), and the (query head, Q tile) pairs of a backward dK/dV CTA (KvBlockWork).
 //
 // Work comes in units: under causal a unit is the pair of m blocks p and num_m_blocks - 1 - p
 // of one head, which together visit the same number of K/V tiles whatever p is (without causal
@@ -37,3 +38,31 @@ __device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, F&& 
             if (schedule.tile(u, which, bh, m_block)) f(bh, m_block);
         }
 }
+
+// The work of the backward's dK/dV CTA number `block`: Bc = block_n keys (from n0) of one
+// (batch, kv head), seen by every query head of its group and, under causal, by the Q tiles of
+// block_m rows from m_block_min on: n_iters (query head, Q tile) pairs. The CTAs of one kv head
+// begin n_block pairs apart and wrap around, so that at any time they add their dQ tiles into
+// different rows of the float32 accumulator rather than all into the first Q tile's. (Measured
+// on the sm_90a kernel: no change; the dQ additions cost 30-40% of its time through their
+// number, not through contention on the same addresses; see bench/NOTES.md, v2.4.)
+struct KvBlockWork {
+    int batch, head_k, n_block, n0, group, m_block_min, m_blocks, n_iters;
+
+    __device__ __forceinline__ KvBlockWork(int block, int num_n_blocks, int num_heads, int num_heads_k, int seqlen_q,
+                                           int seqlen_k, int block_m, int block_n) {
+        const int bhk = block / num_n_blocks;
+        n_block = block % num_n_blocks;
+        batch = bhk / num_heads_k;
+        head_k = bhk % num_heads_k;
+        group = num_heads / num_heads_k;
+        n0 = n_block * block_n;
+        // Under causal, query row i sees key n0 only from row n0 - (seqlen_k - seqlen_q) on.
+        m_block_min = IS_CAUSAL ? max(0, n0 - (seqlen_k - seqlen_q)) / block_m : 0;
+        m_blocks = max(0, (seqlen_q + block_m - 1) / block_m - m_block_min);
+        n_iters = group * m_blocks;
+    }
+    // Query head and Q tile of iteration i < n_iters.
+    __device__ __forceinline__ int head(int i) const { return head_k * group + (i + n_block) % n_iters / m_blocks; }
+    __device__ __forceinline__ int m_block(int i) const { return m_block_min + (i + n_block) % n_iters % m_blocks; }
+};
