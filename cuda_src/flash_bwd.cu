@@ -4,9 +4,9 @@
 //                       P = 0 there); zeroes the float32 dQ accumulator.
 // flash_bwd_dkdv        one CTA per (K/V tile j, batch, kv head). K_j and V_j stay in shared
 //                       memory; the CTA walks every query head of its kv head's group and every Q
-//                       tile i that can see tile j, in KvBlockWork's order (tile_scheduler.cuh)
-//                       (Q_i, dO_i, lse2_i, D_i double-buffered), and
-//                       recomputes P from the saved LSE instead of storing it:
+//                       tile i that can see tile j, in KvBlockWork's order (tile_scheduler.cuh),
+//                       with Q_i, dO_i, lse2_i, D_i double-buffered, and recomputes P from the
+//                       saved LSE instead of storing it:
 //                         S^T = K_j Q_i^T     P^T = exp2(S^T * scale_log2 - lse2_i)
 //                         dP^T = V_j dO_i^T   dS^T = P^T * (dP^T - D_i)
 //                         dV_j += P^T dO_i    dK_j += dS^T Q_i    (dK_j scaled once at the end)

@@ -4,10 +4,10 @@
 //
 // One CTA owns Bc = BLOCK_N keys of one (batch, kv head) and walks every (query head of the
 // group, Q tile of Br = BLOCK_M rows) that sees them, in KvBlockWork's order (tile_scheduler.cuh).
-// Warpgroup 0 produces: one thread copies K
-// and V once and each Q_i, dO_i by TMA into a ring of STAGES slots (a "full" mbarrier each);
-// warp 1 copies lse2_i and D_i into the same slot (zeros past seqlen_q) and arrives on a stats
-// mbarrier. Warpgroups 1..Bc/64 consume, 64 keys each; per Q tile:
+// Warpgroup 0 produces: one thread copies K and V once and each Q_i, dO_i by TMA into a ring of
+// STAGES slots (a "full" mbarrier each); warp 1 copies lse2_i and D_i into the same slot (zeros
+// past seqlen_q) and arrives on a stats mbarrier. Warpgroups 1..Bc/64 consume, 64 keys each; per
+// Q tile:
 //   S^T = K Q_i^T, dP^T = V dO_i^T (wgmma SS) -> P^T, dS^T in registers (softmax_backward.cuh)
 //   dV += P^T dO_i, dK += dS^T Q_i (wgmma RS: P^T, dS^T straight from registers)
 //   dS^T -> shared memory; once every warpgroup's rows are there, dQ_i += dS K (wgmma SS with
@@ -68,8 +68,6 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
     const int diag = seqlen_k - seqlen_q;
-    auto head_of = [&](int i) { return work.head(i); };
-    auto m0_of = [&](int i) { return work.m_block(i) * kBlockM; };
 
     if (threadIdx.x == 0) {
         ptx::mbar_init(bar_kv, 1);
@@ -93,15 +91,16 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 elem_t* slot_q = sQ + (i % kStages) * kBlockM * HEAD_DIM;
                 elem_t* slot_do = sdO + (i % kStages) * kBlockM * HEAD_DIM;
                 ptx::mbar_arrive_expect_tx(full_q(i), kQdOBytes);
-                tma_load_tile<kBlockM>(slot_q, tma_q, m0_of(i), head_of(i), batch, full_q(i));
-                tma_load_tile<kBlockM>(slot_do, tma_do, m0_of(i), head_of(i), batch, full_q(i));
+                const int m0 = work.m_block(i) * kBlockM, head = work.head(i);
+                tma_load_tile<kBlockM>(slot_q, tma_q, m0, head, batch, full_q(i));
+                tma_load_tile<kBlockM>(slot_do, tma_do, m0, head, batch, full_q(i));
             }
         } else if (threadIdx.x / 32 == 1) {
             const int lane = threadIdx.x % 32;
             for (int i = 0; i < n_iters; ++i) {
                 if (i >= kStages) ptx::mbar_wait(empty(i), phase(i) ^ 1);
-                const int m0 = m0_of(i);
-                const int64 row0 = static_cast<int64>(batch * num_heads + head_of(i)) * seqlen_q_pad + m0;
+                const int m0 = work.m_block(i) * kBlockM;
+                const int64 row0 = static_cast<int64>(batch * num_heads + work.head(i)) * seqlen_q_pad + m0;
                 float* slot = sStats + (i % kStages) * 2 * kBlockM;
                 for (int r = lane; r < kBlockM; r += 32) {
                     const bool valid = m0 + r < seqlen_q;
@@ -127,7 +126,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     zero(acc_dv);
     if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
     for (int i = 0; i < n_iters; ++i) {
-        const int head = head_of(i), m0 = m0_of(i);
+        const int head = work.head(i), m0 = work.m_block(i) * kBlockM;
         const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
         const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
         const float* stats = sStats + (i % kStages) * 2 * kBlockM;
