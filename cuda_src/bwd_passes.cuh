@@ -1,9 +1,44 @@
 // The backward's two row-parallel passes around the dK/dV kernels (mma.sync or wgmma):
-// flash_bwd_preprocess before them, flash_bwd_convert_dq after them (DQ_ATOMIC mode).
+// flash_bwd_preprocess before them, flash_bwd_convert_dq after them (DQ_ATOMIC mode), and the
+// layout of the float32 dQ accumulator between them.
 #pragma once
 #include "flash_common.cuh"
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+#if DQ_TILED
+// The sm_90a kernel's dQ tile of BLOCK_M x HEAD_DIM floats: consumer warpgroup wg (of
+// BLOCK_N / 64) computes rows row0(wg) .. + 64 and columns col0(wg) .. + kCols of it. The
+// accumulator keeps each tile in the order the warpgroups hold it in registers, (warpgroup, warp,
+// n8 tile, row half, lane, pair), so that a warp stores 256 contiguous bytes to shared memory
+// and a warpgroup's part goes to global memory as one bulk reduction. Columns 8j .. 8j + 7 of a
+// row stay 8 contiguous floats (lane = 4 * (row % 8) + column % 8 / 2).
+struct DqTile {
+    static constexpr int kRowBlocks = BLOCK_M / 64, kWarpgroups = BLOCK_N / 64;
+    static constexpr int kCols = HEAD_DIM * kRowBlocks / kWarpgroups;
+    static constexpr int kFloats = BLOCK_M * HEAD_DIM, kWarpgroupFloats = 64 * kCols;
+    static_assert(kWarpgroups % kRowBlocks == 0 && kCols % 8 == 0, "warpgroups own whole 64-row blocks");
+
+    static __device__ __forceinline__ int row0(int wg) { return wg % kRowBlocks * 64; }
+    static __device__ __forceinline__ int col0(int wg) { return wg / kRowBlocks * kCols; }
+    static __device__ __forceinline__ int offset(int r, int c) {
+        const int wg = c / kCols * kRowBlocks + r / 64, warp = r % 64 / 16, half = r % 16 / 8, nt = c % kCols / 8;
+        return (((wg * 4 + warp) * (kCols / 8) + nt) * 2 + half) * 64 + r % 8 * 8 + c % 8;
+    }
+};
+#endif
+
+// Offset of dQ element (r, c) of (batch * head) bh in the accumulator: whole DqTiles of
+// ceil(seqlen_q / BLOCK_M) * BLOCK_M rows per head for the sm_90a kernel (the rows and columns
+// past seqlen_q and head_dim are scratch that nothing reads), else (seqlen_q, head_dim) row-major.
+__device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqlen_q, int head_dim) {
+#if DQ_TILED
+    const int m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    return (static_cast<int64>(bh) * m_blocks + r / BLOCK_M) * DqTile::kFloats + DqTile::offset(r % BLOCK_M, c);
+#else
+    return (static_cast<int64>(bh) * seqlen_q + r) * head_dim + c;
+#endif
+}
 
 // D = rowsum(dO * O) * d_scale; lse2 = lse * log2(e) (+inf where lse = -inf, so that P = 0
 // there); with DQ_ATOMIC, zeroes the float32 dQ accumulator.
@@ -28,7 +63,7 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc += static_cast<float>(oe[i]) * static_cast<float>(de[i]);
         if (DQ_ATOMIC) {
-            float4* dq = reinterpret_cast<float4*>(dq_accum + static_cast<int64>(row_id) * head_dim + c);
+            float4* dq = reinterpret_cast<float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
             dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
             dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
         }
@@ -52,7 +87,7 @@ flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq
     const int row_id = blockIdx.x * 4 + threadIdx.x / 32, c = (threadIdx.x % 32) * 8;
     if (row_id >= rows_total || c >= head_dim) return;
     const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-    const float4* src = reinterpret_cast<const float4*>(dq_accum + static_cast<int64>(row_id) * head_dim + c);
+    const float4* src = reinterpret_cast<const float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
     const float4 a = src[0], b = src[1];
     uint4 packed;
     packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);

@@ -1,4 +1,4 @@
-// FlashAttention backward, Hopper path (sm_90a): the dK/dV kernel with dQ by atomics, on wgmma
+// FlashAttention backward, Hopper path (sm_90a): the dK/dV kernel with dQ by bulk reductions, on wgmma
 // with TMA loads; the row passes before and after it are those of the portable path
 // (bwd_passes.cuh). The algorithm and the dropout algebra are flash_bwd.cu's.
 //
@@ -10,10 +10,13 @@
 // Q tile:
 //   S^T = K Q_i^T, dP^T = V dO_i^T (wgmma SS) -> P^T, dS^T in registers (softmax_backward.cuh)
 //   dV += P^T dO_i, dK += dS^T Q_i (wgmma RS: P^T, dS^T straight from registers)
-//   dS^T -> shared memory; once every warpgroup's rows are there, dQ_i += dS K (wgmma SS with
-//   both operands k-rows first), a block of it per warpgroup, added to the float32 accumulator
-//   with red.global.add; then the slot is released.
+//   dS^T -> shared memory; once every warpgroup's rows are there, dQ_i = dS K (wgmma SS with
+//   both operands k-rows first), a block of it per warpgroup (DqTile, bwd_passes.cuh); then the
+//   slot is released, and the warpgroup's block goes through shared memory to one bulk reduction
+//   (cp.reduce.async.bulk .add.f32) into the float32 accumulator.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
+// The warpgroup's one bulk reduction of 16 KB per Q tile replaces 16 red.global.add.v2 per
+// thread, which cost 30-40% of the kernel's time (bench/NOTES.md, v2.4, v2.5).
 #include "softmax_backward.cuh"
 #include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
@@ -32,12 +35,10 @@ constexpr int kConsumerThreads = 128 * kConsumers;
 constexpr int kThreads = 128 + kConsumerThreads;
 constexpr int kQT = BLOCK_M / 8;   // n8 tiles of queries in S^T
 constexpr int kDT = HEAD_DIM / 8;
-// dQ (Br, d) is cut into kDqRows blocks of 64 rows times kConsumers / kDqRows blocks of kDqN columns.
-constexpr int kDqRows = BLOCK_M / 64;
-constexpr int kDqN = HEAD_DIM * kDqRows / kConsumers;
+constexpr int kDqN = DqTile::kCols;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
-static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kConsumers % kDqRows == 0 && kDqN % 64 == 0,
+static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
               "two consumer warpgroups; dQ blocks of whole 64-row, 64-column panels");
 constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
 
@@ -58,7 +59,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     elem_t* sQ = sV + kBlockN * HEAD_DIM;                 // kStages x (Br, d)
     elem_t* sdO = sQ + kStages * kBlockM * HEAD_DIM;      // kStages x (Br, d)
     elem_t* sdSt = sdO + kStages * kBlockM * HEAD_DIM;    // 2 x (Bc, Br)
-    float* sStats = reinterpret_cast<float*>(sdSt + 2 * kBlockN * kBlockM);  // kStages x (lse2, D) x Br
+    float* sdQ = reinterpret_cast<float*>(sdSt + 2 * kBlockN * kBlockM);   // a DqTile
+    float* sStats = sdQ + DqTile::kFloats;                                  // kStages x (lse2, D) x Br
     const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
     auto full_q = [&](int i) { return bar_kv + 8 * (1 + i % kStages); };
     auto full_stats = [&](int i) { return bar_kv + 8 * (1 + kStages + i % kStages); };
@@ -117,8 +119,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const int tid = threadIdx.x - 128;
     const int wg = tid / 128;
     const int warp_key0 = (tid / 32) * 16;          // the warp's keys in the tile, as in the mma C layout
-    const int dq_row0 = (wg % kDqRows) * 64;        // this warpgroup's block of dQ
-    const int dq_col0 = (wg / kDqRows) * kDqN;
+    const int dq_row0 = DqTile::row0(wg), dq_col0 = DqTile::col0(wg);  // this warpgroup's block of dQ
+    float* sdQ_wg = sdQ + wg * DqTile::kWarpgroupFloats;
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 
     float acc_dk[1][kDT][4], acc_dv[1][kDT][4];  // the warpgroup's 64 keys x d
@@ -161,9 +163,12 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
         ptx::wgmma_commit();
 
-        // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored.
+        // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored and
+        // (thread 0 of each warpgroup waits for it) the last bulk reduction has read sdQ.
+        if (tid % 128 == 0) ptx::bulk_wait_read<0>();
         ptx::named_barrier(1, kConsumerThreads);
         float acc_dq[1][kDqN / 8][4];
+        ptx::wgmma_fence();  // acc_dq's registers were last read by the previous tile's stores
         wg_gemm_kk<kDqN, kBlockN, kBlockN>(acc_dq[0], sdSti + (dq_row0 / 64) * kBlockN * 64, sK + (dq_col0 / 64) * kBlockN * 64);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
@@ -174,17 +179,23 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         fence_regs(dst);
         if (tid % 32 == 0) ptx::mbar_arrive(empty(i));
 
-        float* gdq = dq_accum + (static_cast<int64>(batch * num_heads + head) * seqlen_q + m0) * head_dim;
         const int row_base = dq_row0 + (tid / 32) % 4 * 16;
 #pragma unroll
         for (int nt = 0; nt < kDqN / 8; ++nt)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int row = row_base + acc_row(0, 2 * hh), col = dq_col0 + acc_col(nt, 0);
-                if (m0 + row < seqlen_q && col < head_dim)
-                    ptx::red_add_f32x2(gdq + static_cast<int64>(row) * head_dim + col, acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
+                *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
             }
+        ptx::fence_proxy_async();
+        ptx::named_barrier(2 + wg, 128);
+        if (tid % 128 == 0) {
+            float* gdq = dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim);
+            ptx::bulk_reduce_add_f32(gdq + wg * DqTile::kWarpgroupFloats, sdQ_wg, DqTile::kWarpgroupFloats * 4);
+            ptx::bulk_commit();
+        }
     }
+    if (tid % 128 == 0) ptx::bulk_wait<0>();
 
     // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
     // reads them.

@@ -43,7 +43,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     keep = [empty((batch, nheads, seqlen_q_pad), "float32") for _ in range(2)]
     lse2, dsum = (info.data_ptr for _, info in keep)
     if not deterministic:
-        keep.append(empty((batch, nheads, seqlen_q, head_dim), "float32"))
+        keep.append(empty(plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim), "float32"))
     dq_accum = 0 if deterministic else keep[-1][1].data_ptr
 
     def strides(*arrays):

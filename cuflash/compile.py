@@ -96,8 +96,9 @@ def backward_program(variant):
     tile = variant.tile
     if plan.is_hopper(variant):
         names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq")
-        source, options, names = _program("flash_bwd_sm90.cu", variant, names, STAGES=tile.stages, DQ_ATOMIC=1)
+        source, options, names = _program("flash_bwd_sm90.cu", variant, names, STAGES=tile.stages, DQ_ATOMIC=1,
+                                           DQ_TILED=1)
         return source, options + (HOPPER_ARCH_OPTION,), names
     names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
     return _program("flash_bwd.cu", variant, names, DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm,
-                    KV_WM=tile.kv_wm, DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic))
+                    KV_WM=tile.kv_wm, DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic), DQ_TILED=0)

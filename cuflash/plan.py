@@ -253,7 +253,8 @@ def _grid_ok(rows, cols, wm, warps):
 class HopperBwdTile:
     """Tiles of the sm_90a dK/dV kernel (cuda_src/flash_bwd_sm90.cu): a producer warpgroup and two
     consumer warpgroups own block_n = 128 keys (64 each) and walk Q tiles of block_m rows, Q and
-    dO in a ring of `stages` slots. dQ goes by atomics, so deterministic runs stay portable."""
+    dO in a ring of `stages` slots. dQ tiles are added in whatever order the CTAs reach them (bulk
+    reductions), so deterministic runs stay portable."""
 
     block_m: int
     block_n: int = 128
@@ -306,22 +307,34 @@ BWD_TILES = {
 # The sm_90a dK/dV kernel, picked on compute capability 9.0 (deterministic=False) for these
 # buckets. Registers per consumer thread: dK and dV take d each, S^T and dP^T block_m / 2 each.
 HOPPER_BWD_TILES = {
-    64: HopperBwdTile(128),   # 164 KB; each warpgroup adds a 64-row block of dQ
-    128: HopperBwdTile(64),   # 162 KB; each warpgroup adds a 64-column block of dQ
+    64: HopperBwdTile(128),   # 195 KB; each warpgroup adds a 64-row block of dQ
+    128: HopperBwdTile(64),   # 194 KB; each warpgroup adds a 64-column block of dQ
 }
 HOPPER_BWD_HEAD_DIMS = tuple(HOPPER_BWD_TILES)
 
 
 def backward_smem_bytes(head_dim, tile):
     """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered.
-    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers; lse2 and D per slot;
-    mbarriers; 1 KB of alignment slack."""
+    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers; the float32 dQ tile;
+    lse2 and D per slot; mbarriers; 1 KB of alignment slack."""
     if isinstance(tile, HopperBwdTile):
         return (2 * tile.block_n * head_dim * 2 + 2 * tile.stages * tile.block_m * head_dim * 2
-                + 2 * tile.block_n * tile.block_m * 2 + tile.stages * 2 * tile.block_m * 4 + HOPPER_SMEM_SLACK)
+                + 2 * tile.block_n * tile.block_m * 2 + tile.block_m * head_dim * 4
+                + tile.stages * 2 * tile.block_m * 4 + HOPPER_SMEM_SLACK)
     pitch_bytes = (head_dim + 8) * 2
     return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes
             + 2 * tile.block_n * (tile.block_m + 8) * 2 + 4 * tile.block_m * 4)
+
+
+def dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim):
+    """Shape of the float32 dQ accumulator of a non-deterministic backward: (batch, nheads,
+    seqlen_q, head_dim) row-major for the portable kernel; for the sm_90a one, whole
+    block_m x bucket tiles (cuda_src/bwd_passes.cuh, DqTile), so that it adds each tile with
+    bulk reductions and never needs a bounds check."""
+    if is_hopper(variant):
+        block_m = variant.tile.block_m
+        return (batch, nheads, -(-seqlen_q // block_m) * block_m, variant.head_dim)
+    return (batch, nheads, seqlen_q, head_dim)
 
 
 def backward_dq_smem_bytes(head_dim, tile):
@@ -374,7 +387,7 @@ def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_lim
     if tile is None and hopper and not deterministic and bucket in HOPPER_BWD_TILES:
         tile = HOPPER_BWD_TILES[bucket]
     if isinstance(tile, HopperBwdTile) and deterministic:
-        raise ValueError("tile: the sm_90a backward adds dQ with atomics; deterministic=True needs a BwdTile")
+        raise ValueError("tile: the sm_90a backward adds dQ tiles in no fixed order; deterministic=True needs a BwdTile")
     if tile is not None:
         tile.check(bucket)
         return BwdVariant(dtype, bucket, *flags, tile, bool(dropout))

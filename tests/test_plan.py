@@ -253,10 +253,23 @@ def test_backward_tile_check_rejects_bad_tiles(tile):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_hopper_backward_dispatch(bucket, deterministic):
     """On compute capability 9.0 the non-deterministic backward of d 64 and 128 gets the sm_90a
-    dK/dV kernel (dQ by atomics); everything else stays portable; CI compiles the pick."""
+    dK/dV kernel (dQ by bulk reductions); everything else stays portable; CI compiles the pick."""
     variant = plan.backward_variant("float16", bucket, False, deterministic, smem_limit=H100_SMEM_OPTIN, hopper=True)
     assert plan.is_hopper(variant) == (bucket in plan.HOPPER_BWD_HEAD_DIMS and not deterministic)
     assert variant in plan.backward_variants()
+
+
+@pytest.mark.parametrize("head_dim, seqlen_q", [(64, 1), (64, 128), (40, 129), (128, 1000), (120, 64)])
+def test_dq_accum_shape(head_dim, seqlen_q):
+    """The sm_90a backward's accumulator holds whole (block_m, bucket) tiles; the portable one
+    is exactly (seqlen_q, head_dim) per head."""
+    hopper = plan.backward_variant("bfloat16", head_dim, False, False, smem_limit=H100_SMEM_OPTIN, hopper=True)
+    portable = plan.backward_variant("bfloat16", head_dim, False, False, smem_limit=H100_SMEM_OPTIN)
+    assert plan.is_hopper(hopper) and not plan.is_hopper(portable)
+    block_m = hopper.tile.block_m
+    assert plan.dq_accum_shape(hopper, 2, 3, seqlen_q, head_dim) == (2, 3, -(-seqlen_q // block_m) * block_m,
+                                                                      hopper.head_dim)
+    assert plan.dq_accum_shape(portable, 2, 3, seqlen_q, head_dim) == (2, 3, seqlen_q, head_dim)
 
 
 def test_hopper_backward_tile_refuses_deterministic():
