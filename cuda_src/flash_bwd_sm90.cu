@@ -76,7 +76,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         for (int s = 0; s < kStages; ++s) {
             ptx::mbar_init(full_q(s), 1);
             ptx::mbar_init(full_stats(s), 32);
-            ptx::mbar_init(empty(s), kConsumerThreads / 32);  // lane 0 of every consumer warp
+            ptx::mbar_init(empty(s), kConsumerThreads);
         }
         ptx::fence_mbar_init();
     }
@@ -177,7 +177,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         fence_regs(acc_dv);
         fence_regs(pt);
         fence_regs(dst);
-        if (tid % 32 == 0) ptx::mbar_arrive(empty(i));
+        ptx::mbar_arrive(empty(i));  // by every thread, each after its own reads of the slot's stats
 
         const int row_base = dq_row0 + (tid / 32) % 4 * 16;
 #pragma unroll
