@@ -8,7 +8,8 @@
 - attention_reference_backward: plain gradients (dq, dk, dv) of the same attention, with the same
   upcast switch (upcast=False rounds S, P, O, dP, dS and dq, dk, dv to the input dtype).
 - flash_backward_model: the tiled FlashAttention-2 backward the CUDA kernel runs: one pass per
-  K/V tile, dK and dV accumulated on chip, dQ accumulated in a float32 buffer (atomics there).
+  K/V tile, dK and dV accumulated on chip, dQ accumulated in a float32 buffer (red.global from
+  the portable kernel, one bulk reduction per dQ tile from the sm_90a one).
 - Dropout of P: philox4x32_10 (Random123's Philox4x32-10), dropout_keep (the keep bit of any
   (seed, offset, batch * nheads + head, row, col), so every tile regenerates its own) and
   dropout_mask (all of them). The references take the mask (dropout_mask=...), the models the
@@ -389,7 +390,8 @@ def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=Fal
     """The backward kernel's algorithm in NumPy (FlashAttention-2, K/V-tile outer loop): for each
     (batch, K/V head, K/V tile), dK and dV accumulate on chip over the group's query heads and the
     Q tiles from m_block_min; P is recomputed from the forward's lse; P and dS are rounded to the
-    input dtype before their GEMMs; dQ accumulates in a float32 buffer (atomics in the kernel).
+    input dtype before their GEMMs; dQ accumulates in a float32 buffer (atomic additions in the
+    kernels, in no fixed order).
     out and lse are the forward's. Returns (dq, dk, dv) in q's dtype.
 
     Dropout (dropout_p, seed, offset as the forward got them): each (Q tile, K/V tile) pair
@@ -417,7 +419,7 @@ def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=Fal
     d_rows = (do_ * o_).sum(axis=-1).transpose(0, 2, 1)
     if dropout_p > 0:
         d_rows = d_rows * acc(1.0 - dropout_p)
-    dq_accum = np.zeros((batch, seqlen_q, nheads, head_dim), acc)      # float32 buffer, atomics
+    dq_accum = np.zeros((batch, seqlen_q, nheads, head_dim), acc)      # float32 buffer, atomic adds
     dk = np.zeros((batch, seqlen_k, nheads_k, head_dim), acc)
     dv = np.zeros((batch, seqlen_k, nheads_k, head_dim), acc)
     n_m_blocks = -(-seqlen_q // block_m)
