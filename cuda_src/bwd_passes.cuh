@@ -30,7 +30,8 @@ struct DqTile {
 
 // Offset of dQ element (r, c) of (batch * head) bh in the accumulator: whole DqTiles of
 // ceil(seqlen_q / BLOCK_M) * BLOCK_M rows per head for the sm_90a kernel (the rows and columns
-// past seqlen_q and head_dim are scratch that nothing reads), else (seqlen_q, head_dim) row-major.
+// past seqlen_q and head_dim are scratch, neither zeroed nor read), else (seqlen_q, head_dim)
+// row-major.
 __device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqlen_q, int head_dim) {
 #if DQ_TILED
     const int m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
