@@ -126,12 +126,7 @@ def parse_args(argv=None):
     causal.add_argument("--no-causal", dest="causal", action="store_const", const=(False,), help="non-causal only")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (default 3)")
     args = parser.parse_args(argv)
-    for seqlen in args.seqlen:
-        if seqlen <= 0 or bench.TOKENS % seqlen:
-            parser.error(f"--seqlen {seqlen}: must divide batch*seqlen = {bench.TOKENS}")
-    for head_dim in args.hdim:
-        if head_dim <= 0 or bench.HIDDEN % head_dim:
-            parser.error(f"--hdim {head_dim}: must divide hidden = {bench.HIDDEN}")
+    bench.check_shape_args(parser, args.seqlen, args.hdim)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be at least 1")
     for rev in args.revs:

@@ -1015,6 +1015,16 @@ def print_tiles_summary(rows):
 # --------------------------------------------------------------------------------------------
 
 
+def check_shape_args(parser, seqlens, head_dims):
+    """--seqlen and --hdim must split the fixed token count and hidden size into whole shapes."""
+    for seqlen in seqlens:
+        if seqlen <= 0 or TOKENS % seqlen:
+            parser.error(f"--seqlen {seqlen}: must divide batch*seqlen = {TOKENS}")
+    for head_dim in head_dims:
+        if head_dim <= 0 or HIDDEN % head_dim:
+            parser.error(f"--hdim {head_dim}: must divide hidden = {HIDDEN}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1040,12 +1050,7 @@ def parse_args(argv=None):
                         help="PNG path (default bench/bench.png)")
     parser.add_argument("--json", help="write all results as JSON to this path")
     args = parser.parse_args(argv)
-    for seqlen in args.seqlen or ():
-        if seqlen <= 0 or TOKENS % seqlen:
-            parser.error(f"--seqlen {seqlen}: must divide batch*seqlen = {TOKENS}")
-    for head_dim in args.hdim or ():
-        if head_dim <= 0 or HIDDEN % head_dim:
-            parser.error(f"--hdim {head_dim}: must divide hidden = {HIDDEN}")
+    check_shape_args(parser, args.seqlen or (), args.hdim or ())
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout {args.dropout}: must be in [0, 1)")
     if args.dropout and (args.tiles or args.memory_only):
