@@ -5,14 +5,15 @@
 #include "warp_gemm.cuh"
 #include "philox.cuh"
 
-// P^T = exp2(S^T * scale_log2 - lse2), 0 where the key is invisible to the query;
-// dS^T = P^T * (dP^T - D). With dropout (keep bits Z regenerated from rng), s becomes P^T * Z^T
-// (what dV reads) and dp becomes P^T * (dP^T * Z^T - D'). key0 and query0 are the warp's first key
-// and query within the tile at (n0, m0); lse2 and dsum are indexed by the tile's query.
-template <int MT, int NT>
+// P^T = exp2(S^T * scale_log2 - lse2), 0 where the key is invisible to the query (checked only
+// with MASK: callers pick it per tile with tile_needs_mask, so the other tiles run a copy with no
+// checks); dS^T = P^T * (dP^T - D). With dropout (keep bits Z regenerated from rng), s becomes
+// P^T * Z^T (what dV reads) and dp becomes P^T * (dP^T * Z^T - D'). key0 and query0 are the warp's
+// first key and query within the tile at (n0, m0); lse2 and dsum are indexed by the tile's query.
+template <bool MASK, int MT, int NT>
 __device__ __forceinline__ void softmax_backward(float (&s)[MT][NT][4], float (&dp)[MT][NT][4], const float* lse2,
                                                  const float* dsum, int key0, int query0, int m0, int n0, int seqlen_k,
-                                                 int diag, bool need_mask, const dropout::Rng& rng, int bh, float scale_log2) {
+                                                 int diag, const dropout::Rng& rng, int bh, float scale_log2) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -22,7 +23,7 @@ __device__ __forceinline__ void softmax_backward(float (&s)[MT][NT][4], float (&
             for (int e = 0; e < 4; ++e) {
                 const int key = key0 + acc_row(mt, e), row = query0 + acc_col(nt, e);
                 float p = ptx::exp2_approx(fmaf(s[mt][nt][e], scale_log2, -lse2[row]));
-                if (need_mask && !visible(m0 + row, n0 + key, seqlen_k, diag)) p = 0.f;
+                if (MASK && !visible(m0 + row, n0 + key, seqlen_k, diag)) p = 0.f;
                 const bool kept = keep >> e & 1;
                 s[mt][nt][e] = kept ? p : 0.f;
                 dp[mt][nt][e] = p * ((kept ? dp[mt][nt][e] : 0.f) - dsum[row]);
