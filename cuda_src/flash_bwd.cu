@@ -130,13 +130,9 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             float acc_dp[GridSdP::kMT][GridSdP::kNT][4];
             zero(acc_dp);
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
-            const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
-            if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag))
-                softmax_backward<true>(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, seqlen_k, diag, rng,
-                                       batch * num_heads + head, scale_log2);
-            else
-                softmax_backward<false>(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, seqlen_k, diag, rng,
-                                        batch * num_heads + head, scale_log2);
+            softmax_backward(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, seqlen_k, diag,
+                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag),
+                             dropout::Rng{seed_lo, seed_hi, rng_offset, keep_threshold}, batch * num_heads + head, scale_log2);
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
             store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
         }

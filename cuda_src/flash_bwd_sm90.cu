@@ -147,12 +147,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         ptx::wgmma_wait<0>();
         fence_regs(acc_s);
         fence_regs(acc_dp);
-        if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag))
-            softmax_backward<true>(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag, rng,
-                                   batch * num_heads + head, scale_log2);
-        else
-            softmax_backward<false>(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag, rng,
-                                    batch * num_heads + head, scale_log2);
+        softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag,
+                         tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
 
         // dV += P^T dO_i, dK += dS^T Q_i; dS^T also goes to shared memory for dQ.
         unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];
