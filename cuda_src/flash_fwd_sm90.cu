@@ -44,6 +44,13 @@ constexpr int kConsumerRegs = (kLaunchRegs * kThreads - kProducerRegs * 128) / k
 static_assert(BLOCK_M % 64 == 0, "whole warpgroups of 64 rows");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma n is a multiple of 8 up to 256; P V takes keys 16 at a time");
 constexpr unsigned kQBytes = kBlockM * HEAD_DIM * 2, kKVBytes = kBlockN * HEAD_DIM * 2;
+// Where a consumer waits for V_t, which the P V of the next iteration reads. With two consumer
+// warpgroups: between the softmax of S_t and the wait for the P V in flight, so that the spin
+// loop ends a basic block there; without it ptxas hoisted that wgmma wait above the softmax, and
+// the softmax never overlapped the P V (bench/NOTES.md, v2.7). With three (Br = 192) the other
+// two warpgroups' GEMMs already cover each softmax, and the overlap measured 2-4% slower under
+// causal: V_t is waited for just before its GEMM.
+constexpr bool kWaitVInSoftmax = kConsumers == 2;
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
@@ -166,18 +173,20 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::wgmma_wait<0>();
             if (n_tiles == 1) release_q();
             softmax(0);
+            if (kWaitVInSoftmax) ptx::mbar_wait(full_v(r0), phase(r0));
             acc_to_a_frags(p, acc_s);
             for (int t = 1; t < n_tiles; ++t) {
                 fence_regs(acc_o);
                 fence_regs(p);
                 ptx::mbar_wait(full_k(r0 + t), phase(r0 + t));
-                ptx::mbar_wait(full_v(r0 + t - 1), phase(r0 + t - 1));
+                if (!kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + t - 1), phase(r0 + t - 1));
                 ptx::wgmma_fence();
                 issue_s(t);
                 issue_pv(t - 1);
                 ptx::wgmma_wait<1>();
                 if (t == n_tiles - 1) release_q();
                 softmax(t);
+                if (kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + t), phase(r0 + t));
                 ptx::wgmma_wait<0>();
                 fence_regs(acc_o);
                 fence_regs(p);
@@ -187,7 +196,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             }
             fence_regs(acc_o);
             fence_regs(p);
-            ptx::mbar_wait(full_v(r0 + n_tiles - 1), phase(r0 + n_tiles - 1));
+            if (!kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + n_tiles - 1), phase(r0 + n_tiles - 1));
             ptx::wgmma_fence();
             issue_pv(n_tiles - 1);
             ptx::wgmma_wait<0>();
