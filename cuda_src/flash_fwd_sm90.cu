@@ -2,12 +2,13 @@
 // mbarrier ring, a producer warpgroup, consumer warpgroups on wgmma, and the P V of one K/V tile
 // overlapping the softmax of the next.
 //
-// Each CTA walks (BLOCK_M, HEAD_DIM) tiles of O in the order of tile_scheduler.cuh, one SM each,
-// so that one tile's epilogue runs while the next one's Q and K/V arrive. Warpgroup 0 is the
-// producer: one thread issues the TMA copies of each K/V tile into a ring of STAGES slots (a
-// "full" mbarrier each), reusing a slot once the consumers arrive on its "empty" mbarrier; a
-// thread of another warp copies each tile's Q once the consumers have issued their last S of
-// the previous tile. setmaxnreg gives the producer 24 registers and the consumers the rest.
+// Each CTA walks (BLOCK_M, HEAD_DIM) tiles of O, one SM each, claiming units of work as it goes
+// (tile_scheduler.cuh), so that one tile's epilogue runs while the next one's Q and K/V arrive.
+// Warpgroup 0 is the producer: one thread claims the units and issues the TMA copies of each
+// K/V tile into a ring of STAGES slots (a "full" mbarrier each), reusing a slot once the
+// consumers arrive on its "empty" mbarrier; a thread of another warp copies each tile's Q once
+// the consumers have issued their last S of the previous tile. setmaxnreg gives the producer 24
+// registers and the consumers the rest.
 // Warpgroups 1..BLOCK_M/64 are the consumers, 64 query rows each: S = Q K^T is a wgmma reading
 // the 128-byte-swizzled tiles TMA wrote (warpgroup_gemm.cuh); S comes back in registers in the
 // layout the mma.sync kernel uses, so the online softmax is shared (online_softmax.cuh); O += P V
@@ -57,7 +58,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                const __grid_constant__ TmaDesc tma_v, elem_t* __restrict__ o, float* __restrict__ lse,
                int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
                int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-               int num_m_blocks, int num_bh, float scale_log2,
+               int num_m_blocks, int num_bh, int tail_heads, int* __restrict__ unit_counter, float scale_log2,
                unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     // Swizzle atoms must be 1024-byte aligned; the launcher adds 1 KB of slack.
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -65,15 +66,23 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Br, d)
     elem_t* sK = sQ + kBlockM * HEAD_DIM;             // kStages x (Bc, d)
     elem_t* sV = sK + kStages * kBlockN * HEAD_DIM;   // kStages x (Bc, d)
-    const unsigned full_q = smem_u32(sV + kStages * kBlockN * HEAD_DIM);  // 8-byte mbarriers
+    // 8-byte mbarriers: Q's full and empty, the ring's full K, full V and empty, the unit queue's
+    // full and empty; then the unit queue's slots.
+    unsigned char* sBar = reinterpret_cast<unsigned char*>(sV + kStages * kBlockN * HEAD_DIM);
+    const unsigned full_q = smem_u32(sBar);
     const unsigned empty_q = full_q + 8;
     // Ring position r counts K/V tiles over all of the CTA's tiles of O.
     auto full_k = [&](int r) { return full_q + 8 * (2 + r % kStages); };
     auto full_v = [&](int r) { return full_q + 8 * (2 + kStages + r % kStages); };
     auto empty = [&](int r) { return full_q + 8 * (2 + 2 * kStages + r % kStages); };
     auto phase = [](int r) { return static_cast<unsigned>(r / kStages) & 1; };
+    // Read by the Q thread and every consumer thread (all arrive, so that racecheck sees each
+    // read ordered before the slot is rewritten).
+    constexpr unsigned kUnitReaders = 1 + kConsumerThreads;
+    const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 3 * kStages + 4)), full_q + 8 * (2 + 3 * kStages),
+                          full_q + 8 * (4 + 3 * kStages), unit_counter};
 
-    const TileSchedule schedule{num_m_blocks, num_bh};
+    const TileSchedule schedule{num_m_blocks, num_bh, tail_heads};
     const int diag = seqlen_k - seqlen_q;
     const int group = num_heads / num_heads_k;
     auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(m_block * kBlockM, kBlockM, kBlockN, seqlen_k, diag); };
@@ -86,6 +95,10 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::mbar_init(full_v(s), 1);
             ptx::mbar_init(empty(s), kConsumerThreads / 32);
         }
+        for (int s = 0; s < 2; ++s) {
+            ptx::mbar_init(queue.full + 8 * s, 1);
+            ptx::mbar_init(queue.empty + 8 * s, kUnitReaders);
+        }
         ptx::fence_mbar_init();
     }
     __syncthreads();
@@ -94,7 +107,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
         ptx::setmaxnreg_dec<kProducerRegs>();
         if (threadIdx.x == 0) {  // K/V tiles
             int ring = 0;
-            for_each_tile(schedule, [&](int bh, int m_block) {
+            for_each_tile<true>(schedule, queue, [&](int bh, int m_block) {
                 const int batch = bh / num_heads, head_k = bh % num_heads / group;
                 const int n_tiles = n_tiles_of(m_block);
                 for (int t = 0; t < n_tiles; ++t, ++ring) {
@@ -108,7 +121,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             });
         } else if (threadIdx.x == 32) {  // Q tiles, each once the last S of the previous one is issued
             int q_tiles = 0;
-            for_each_tile(schedule, [&](int bh, int m_block) {
+            for_each_tile<false>(schedule, queue, [&](int bh, int m_block) {
                 if (n_tiles_of(m_block) == 0) return;
                 if (q_tiles > 0) ptx::mbar_wait(empty_q, (q_tiles - 1) & 1);
                 ptx::mbar_arrive_expect_tx(full_q, kQBytes);
@@ -126,7 +139,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
     int ring = 0, q_tiles = 0;
 
-    for_each_tile(schedule, [&](int bh, int m_block) {
+    for_each_tile<false>(schedule, queue, [&](int bh, int m_block) {
         const int m0 = m_block * kBlockM;
         const int n_tiles = n_tiles_of(m_block);
         auto key0 = [&](int t) { return (n_tiles - 1 - t) * kBlockN; };

@@ -1,24 +1,39 @@
 // The order in which CTAs walk their tiles: the persistent forward's (batch * head, m block)
-// tiles (TileSchedule), and the (query head, Q tile) pairs of a backward dK/dV CTA (KvBlockWork).
+// tiles (TileSchedule, UnitQueue), and the (query head, Q tile) pairs of a backward dK/dV CTA
+// (KvBlockWork).
 //
-// Work comes in units: under causal a unit is the pair of m blocks p and num_m_blocks - 1 - p
-// of one head, which together visit the same number of K/V tiles whatever p is (without causal
-// every tile costs the same and a unit is one tile). CTA c takes units c, c + gridDim.x, ...,
-// so the CTAs' loads differ by one unit at most. Units run head by head, so the CTAs working
-// at one time read the K and V of one or two heads, which stay in L2. cuflash/plan.py
-// (persistent_schedule) mirrors this for the CPU tests.
+// The persistent forward's work comes in units, claimed one at a time: CTA c starts with unit
+// c, and each CTA claims the next unclaimed unit as it runs out of work (an atomic counter in
+// global memory), so a CTA that drew short units takes more of them. Without causal
+// every tile costs the same and a unit is one tile. Under causal an m block's cost grows with
+// its index; a unit is the pair of m blocks p and num_m_blocks - 1 - p of one head, which
+// together visit the same number of K/V tiles whatever p is, except in the tail: the last
+// tail_heads heads come as single m blocks, the longest first over all of them, so that the
+// CTAs finish within a short tile of each other (a static round robin of pairs left 3-14% of
+// the grid idle at the end; bench/NOTES.md, v2.7). Units run head by head, so the CTAs working
+// at one time read the K and V of a few heads, which stay in L2. cuflash/plan.py
+// (persistent_order) mirrors the order for the CPU tests.
 #pragma once
+#include "ptx.cuh"
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 struct TileSchedule {
     static constexpr int kTilesPerUnit = IS_CAUSAL ? 2 : 1;
-    int num_m_blocks, num_bh;
+    int num_m_blocks, num_bh, tail_heads;
 
     __device__ __forceinline__ int units_per_head() const { return (num_m_blocks + kTilesPerUnit - 1) / kTilesPerUnit; }
-    __device__ __forceinline__ int num_units() const { return num_bh * units_per_head(); }
+    __device__ __forceinline__ int body_units() const { return (num_bh - tail_heads) * units_per_head(); }
+    __device__ __forceinline__ int num_units() const { return body_units() + tail_heads * num_m_blocks; }
 
     // Tile `which` of unit u (under causal 0 is the m block that sees more keys, 1 its partner),
-    // or false if the unit has no such tile (the middle m block of an odd count is alone).
+    // or false if the unit has no such tile (the middle m block of an odd count, a tail unit).
     __device__ __forceinline__ bool tile(int u, int which, int& bh, int& m_block) const {
+        if (u >= body_units()) {
+            const int t = u - body_units();
+            bh = num_bh - tail_heads + t % tail_heads;
+            m_block = num_m_blocks - 1 - t / tail_heads;
+            return which == 0;
+        }
         const int p = u % units_per_head();
         bh = u / units_per_head();
         m_block = !IS_CAUSAL ? p : which == 0 ? num_m_blocks - 1 - p : p;
@@ -26,18 +41,45 @@ struct TileSchedule {
     }
 };
 
-// f(bh, m_block) for each tile of this CTA, in order. (The loops stay rolled: unrolling copies
-// the consumers' whole tile body.)
-template <typename F>
-__device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, F&& f) {
+// How a CTA's threads agree on its units: one thread claims them (CLAIM) and posts each in a
+// 2-slot ring in shared memory; the others read them from there. mbarriers full (1 arrival) and
+// empty (`readers` arrivals) per slot, 8 bytes apart; the counter is zero at launch.
+struct UnitQueue {
+    int* slots;
+    unsigned full, empty;
+    int* counter;
+};
+
+// f(bh, m_block) for each tile of this CTA's units, in order. Unit number num_units() or above
+// ends the walk. The claiming thread is the K/V producer: it claims the next unit once it has
+// issued the copies of this one's tiles, a few tiles before the consumers finish them, so the
+// counter hands out units nearly in the order the CTAs run out of work. (The loops stay rolled:
+// unrolling copies the consumers' whole tile body.)
+template <bool CLAIM, typename F>
+__device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, const UnitQueue& queue, F&& f) {
+    int u = blockIdx.x;
 #pragma unroll 1
-    for (int u = blockIdx.x; u < schedule.num_units(); u += gridDim.x)
+    for (int k = 0;; ++k) {
+        const unsigned slot = k % 2, parity = (k / 2) & 1;
+        if (CLAIM) {
+            if (k >= 2) ptx::mbar_wait(queue.empty + 8 * slot, parity ^ 1);
+            queue.slots[slot] = u;
+            ptx::mbar_arrive(queue.full + 8 * slot);
+        } else {
+            ptx::mbar_wait(queue.full + 8 * slot, parity);
+            u = queue.slots[slot];
+            ptx::mbar_arrive(queue.empty + 8 * slot);
+        }
+        if (u >= schedule.num_units()) return;
 #pragma unroll 1
         for (int which = 0; which < TileSchedule::kTilesPerUnit; ++which) {
             int bh, m_block;
             if (schedule.tile(u, which, bh, m_block)) f(bh, m_block);
         }
+        if (CLAIM) u = gridDim.x + atomicAdd(queue.counter, 1);
+    }
 }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // The work of the backward's dK/dV CTA number `block`: Bc = block_n keys (from n0) of one
 // (batch, kv head), seen by every query head of its group and, under causal, by the Q tiles of

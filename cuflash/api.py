@@ -51,7 +51,7 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
             # cp.async moves 16-byte rows: the rare view whose rows are not 16-byte aligned is copied.
             operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
                         for x, info in operands]
-            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, stream, tile,
+            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, empty, stream, tile,
                            dropout_p, seed, offset)
     return interop.export(native_o, q_info.framework), interop.export(native_lse, q_info.framework)
 

@@ -11,7 +11,7 @@ LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
 
 
-def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dropout_p=0.0, seed=0, offset=0):
+def launch_forward(q, k, v, o, lse, softmax_scale, causal, empty, stream, tile=None, dropout_p=0.0, seed=0, offset=0):
     """O and LSE of softmax(Q K^T * scale [+ causal mask]) V, with P dropped out at rate
     dropout_p by the keep bits of (seed, offset), on CuPy's current device and on `stream` (a raw
     CUDA stream).
@@ -19,6 +19,8 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     Arguments are interop.ArrayInfo descriptions (pointer, shape, element strides, dtype) of
     validated, 16-byte aligned, non-empty arrays: q, o (batch, seqlen_q, nheads, d); k, v
     (batch, seqlen_k, nheads_k, d); lse contiguous float32 (batch, nheads, seqlen_q).
+    `empty(shape, dtype)` allocates scratch memory in the caller's framework and returns
+    (array, info).
     """
     import cupy
 
@@ -37,13 +39,19 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, stream, tile=None, dr
     rng = dropout.kernel_args(dropout_p, seed, offset)
     if plan.is_hopper(variant):
         # q, k and v travel as TMA tensor maps (tma.encodable holds unless a HopperFwdTile forced it);
-        # one persistent CTA per SM walks the tiles.
+        # one persistent CTA per SM walks the tiles, claiming units of them from a counter that
+        # starts at zero. `counter` holds the scratch buffer until the kernel is queued; the
+        # allocators reuse memory in stream order after that.
         maps = (tma.tensor_map(q, variant.tile.block_m), tma.tensor_map(k, variant.tile.block_n),
                 tma.tensor_map(v, variant.tile.block_n))
-        grid = min(plan.persistent_units(batch * nheads, m_blocks, causal), sm_count(device_id))
-        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s2Q3q7if4If",
+        tail_heads = plan.persistent_tail_heads(batch * nheads, m_blocks, sm_count(device_id), causal)
+        grid = min(plan.persistent_units(batch * nheads, m_blocks, causal, tail_heads), sm_count(device_id))
+        counter, counter_info = empty((1,), "int32")
+        cupy.cuda.runtime.memsetAsync(counter_info.data_ptr, 0, 4, stream)
+        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s2Q3q8iQf4If",
                *maps, o.data_ptr, lse.data_ptr, *(o.strides[axis] for axis in (0, 1, 2)),
-               seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, batch * nheads, scale_log2, *rng)
+               seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, batch * nheads, tail_heads,
+               counter_info.data_ptr, scale_log2, *rng)
     else:
         launch(kernel, tiles, variant.tile.threads, smem, stream, "5Q12q6if4If",
                q.data_ptr, k.data_ptr, v.data_ptr, o.data_ptr, lse.data_ptr,

@@ -114,7 +114,7 @@ HOPPER_FWD_TILES = {
 HOPPER_FWD_DROPOUT_TILES = {64: HopperFwdTile(128, 128, 3)}
 HOPPER_HEAD_DIMS = tuple(HOPPER_FWD_TILES)
 HOPPER_WGMMA_N = (64, 128, 256)  # ptx::Wgmma<N> of cuda_src/ptx.cuh: S = Q K^T is Bc wide, O d wide
-HOPPER_SMEM_SLACK = 1024 + 128  # the sm_90a kernels align their tiles to 1 KB, and have < 16 mbarriers
+HOPPER_SMEM_SLACK = 1024 + 256  # the sm_90a kernels align their tiles to 1 KB, and have < 32 mbarriers
 SMEM_OPTIN_BY_CC = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
@@ -182,25 +182,38 @@ def num_m_blocks(seqlen_q, tile):
     return -(-seqlen_q // tile.block_m)
 
 
-def persistent_units(num_bh, num_m_blocks, causal):
-    """Work units of the persistent forward (cuda_src/tile_scheduler.cuh): pairs of m blocks
-    under causal, single ones otherwise. No more CTAs than units are launched."""
-    return num_bh * ((num_m_blocks + 1) // 2 if causal else num_m_blocks)
+TAIL_ROUNDS = 2  # the causal tail's single m blocks, in units per CTA
 
 
-def persistent_schedule(num_m_blocks, num_bh, grid, causal):
-    """The (bh, m_block) tiles each of `grid` persistent CTAs computes, in order: the CPU mirror
-    of cuda_src/tile_scheduler.cuh."""
-    units_per_head = persistent_units(1, num_m_blocks, causal)
-    schedule = []
-    for cta in range(grid):
-        tiles = []
-        for unit in range(cta, num_bh * units_per_head, grid):
-            bh, p = divmod(unit, units_per_head)
-            pair = (num_m_blocks - 1 - p, p) if causal else (p,)
-            tiles += [(bh, m_block) for m_block in dict.fromkeys(pair)]
-        schedule.append(tiles)
-    return schedule
+def persistent_tail_heads(num_bh, num_m_blocks, grid, causal):
+    """Heads whose m blocks the persistent forward runs one by one, longest first, at the end
+    (cuda_src/tile_scheduler.cuh): under causal enough for TAIL_ROUNDS per CTA, so that the CTAs
+    end within a short tile of each other. None without causal, where every tile costs the same,
+    nor where the grid takes every pair at once, all of the same cost."""
+    if not causal or num_bh * ((num_m_blocks + 1) // 2) <= grid:
+        return 0
+    return min(num_bh, -(-TAIL_ROUNDS * grid // num_m_blocks))
+
+
+def persistent_units(num_bh, num_m_blocks, causal, tail_heads=0):
+    """Work units of the persistent forward: pairs of m blocks under causal, single ones
+    otherwise and in the tail. No more CTAs than units are launched."""
+    return (num_bh - tail_heads) * ((num_m_blocks + 1) // 2 if causal else num_m_blocks) + tail_heads * num_m_blocks
+
+
+def persistent_order(num_m_blocks, num_bh, tail_heads, causal):
+    """The units of the persistent forward in the order the CTAs claim them, each a list of
+    (bh, m_block) tiles in the order it runs them: the CPU mirror of TileSchedule
+    (cuda_src/tile_scheduler.cuh)."""
+    units = []
+    for bh in range(num_bh - tail_heads):
+        if causal:
+            units += [list(dict.fromkeys([(bh, num_m_blocks - 1 - p), (bh, p)])) for p in range((num_m_blocks + 1) // 2)]
+        else:
+            units += [[(bh, p)] for p in range(num_m_blocks)]
+    tail = range(num_bh - tail_heads, num_bh)
+    units += [[(bh, m_block)] for m_block in reversed(range(num_m_blocks)) for bh in tail]
+    return units
 
 
 # ---- backward -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """CPU: the launch plan. Head dims map to the smallest bucket that holds them; every tile in the
 table is legal and fits an H100's shared memory, and shrinks to fit smaller GPUs; the
 dispatcher's variants cover the support matrix."""
+import heapq
 import itertools
 
 import pytest
@@ -159,9 +160,9 @@ def test_hopper_tiles_are_legal_and_fit_h100(bucket, tile, smem_bytes):
 
 def test_hopper_smem_bytes():
     # Q (128 rows) and two K and two V tiles (128 rows each) of 128 unpadded halves, plus 1 KB of
-    # alignment slack and room for the mbarriers.
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128) * 128 * 2 + 1024 + 128
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3)) == (128 + 6 * 64) * 128 * 2 + 1024 + 128
+    # alignment slack and room for the mbarriers and the unit queue.
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128) * 128 * 2 + 1024 + 256
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3)) == (128 + 6 * 64) * 128 * 2 + 1024 + 256
 
 
 def test_hopper_threads():
@@ -183,23 +184,51 @@ def test_hopper_tile_check_rejects(tile, bucket, message):
 
 
 @given(num_m_blocks=st.integers(1, 40), num_bh=st.integers(1, 40), grid=st.integers(1, 140), causal=st.booleans())
-def test_persistent_schedule_covers_every_tile_once(num_m_blocks, num_bh, grid, causal):
-    grid = min(grid, plan.persistent_units(num_bh, num_m_blocks, causal))
-    tiles = [tile for cta in plan.persistent_schedule(num_m_blocks, num_bh, grid, causal) for tile in cta]
+def test_persistent_order_covers_every_tile_once(num_m_blocks, num_bh, grid, causal):
+    tail_heads = plan.persistent_tail_heads(num_bh, num_m_blocks, grid, causal)
+    units = plan.persistent_order(num_m_blocks, num_bh, tail_heads, causal)
+    assert len(units) == plan.persistent_units(num_bh, num_m_blocks, causal, tail_heads)
+    tiles = [tile for unit in units for tile in unit]
     assert sorted(tiles) == sorted(itertools.product(range(num_bh), range(num_m_blocks)))
+    for unit in units:  # a causal pair runs its longer m block first
+        assert [m for _, m in unit] == sorted((m for _, m in unit), reverse=True)
 
 
-@pytest.mark.parametrize("num_m_blocks, num_bh, grid", [(128, 16, 132), (16, 128, 132), (33, 5, 132), (7, 3, 4)])
-def test_persistent_causal_schedule_is_balanced(num_m_blocks, num_bh, grid):
-    """A causal m block visits m + 1 K/V tiles (seqlen_q = seqlen_k): each CTA takes the longer
-    m block of a pair first, every pair costs num_m_blocks + 1 tiles, and the CTAs' unit counts
-    differ by one at most."""
-    for cta in plan.persistent_schedule(num_m_blocks, num_bh, grid, causal=True):
-        for (bh_a, m_a), (bh_b, m_b) in zip(cta, cta[1:]):
-            if bh_a == bh_b and (m_a + 1) + (m_b + 1) == num_m_blocks + 1:  # a pair
-                assert m_a > m_b
-    counts = [len(range(cta, plan.persistent_units(num_bh, num_m_blocks, True), grid)) for cta in range(grid)]
-    assert max(counts) - min(counts) <= 1
+def claimed_makespan(costs, grid, lead):
+    """When the last of `grid` CTAs finishes units of these costs (in K/V tiles), claimed as the
+    kernel does: CTA c starts with unit c and claims the next unclaimed unit `lead` tiles before
+    it finishes its current one (when its producer has issued the last copy of it)."""
+    claims = [(max(0, costs[cta] - lead), cta, costs[cta]) for cta in range(min(grid, len(costs)))]
+    heapq.heapify(claims)  # (when the CTA claims, cta, when its current unit ends)
+    end, unit = 0, len(claims)
+    while claims:
+        claim, cta, finish = heapq.heappop(claims)
+        end = max(end, finish)
+        if unit < len(costs):
+            finish += costs[unit]
+            unit += 1
+            heapq.heappush(claims, (max(claim, finish - lead), cta, finish))
+    return end
+
+
+@pytest.mark.parametrize("seqlen, block_m, block_n, num_bh", [
+    (2048, 192, 128, 256), (4096, 192, 128, 128), (16384, 192, 128, 32),   # d64, hidden 2048
+    (2048, 128, 128, 128), (4096, 128, 128, 64), (16384, 128, 128, 16),    # d128
+    (1024, 128, 128, 140), (1000, 128, 128, 3), (333, 64, 128, 40)])
+def test_persistent_causal_claims_keep_the_grid_busy(seqlen, block_m, block_n, num_bh):
+    """Under causal (seqlen_q = seqlen_k) an m block costs its K/V tiles plus one for its Q load
+    and epilogue. With 132 CTAs claiming units 3 tiles ahead (the K/V ring's depth), the kernel
+    takes at most 1/0.97 of its lower bound (the larger of a CTA's fair share and the longest
+    unit). The static round robin of pairs before it took 1/0.86 in the first case, 1/0.85 in
+    the seventh."""
+    grid = 132
+    num_m_blocks = -(-seqlen // block_m)
+    tail_heads = plan.persistent_tail_heads(num_bh, num_m_blocks, grid, True)
+    units = plan.persistent_order(num_m_blocks, num_bh, tail_heads, True)
+    cost = lambda m: -(-min(seqlen, (m + 1) * block_m) // block_n) + 1
+    costs = [sum(cost(m) for _, m in unit) for unit in units]
+    bound = max(sum(costs) / min(grid, len(costs)), max(costs))
+    assert bound / claimed_makespan(costs, grid, lead=3) >= 0.97
 
 
 # ---- backward ---------------------------------------------------------------------------------
