@@ -1,22 +1,25 @@
-// FlashAttention forward, Hopper path (sm_90a): a persistent grid of CTAs, TMA loads through an
-// mbarrier ring, a producer warpgroup, consumer warpgroups on wgmma, and the P V of one K/V tile
+// FlashAttention forward, Hopper path (sm_90a): a persistent grid of CTAs, TMA loads through
+// mbarrier rings, a producer warpgroup, consumer warpgroups on wgmma, and the P V of one K/V tile
 // overlapping the softmax of the next.
 //
 // Each CTA walks (BLOCK_M, HEAD_DIM) tiles of O, one SM each, claiming units of work as it goes
 // (tile_scheduler.cuh), so that one tile's epilogue runs while the next one's Q and K/V arrive.
-// Warpgroup 0 is the producer: one thread claims the units and issues the TMA copies of each
-// K/V tile into a ring of STAGES slots (a "full" mbarrier each), reusing a slot once the
-// consumers arrive on its "empty" mbarrier; a thread of another warp copies each tile's Q once
-// the consumers have issued their last S of the previous tile. setmaxnreg gives the producer 24
-// registers and the consumers the rest.
+// Warpgroup 0 is the producer: one thread claims the units and issues the TMA copies of each K
+// and each V tile into rings of STAGES slots (a "full" mbarrier each), reusing a K slot once
+// the consumers arrive on its "empty" mbarrier after their S, a V slot after their P V; a thread
+// of another warp copies each tile's Q once the consumers have issued their last S of the
+// previous tile. setmaxnreg gives the producer 24 registers and the consumers the rest.
 // Warpgroups 1..BLOCK_M/64 are the consumers, 64 query rows each: S = Q K^T is a wgmma reading
 // the 128-byte-swizzled tiles TMA wrote (warpgroup_gemm.cuh); S comes back in registers in the
 // layout the mma.sync kernel uses, so the online softmax is shared (online_softmax.cuh); O += P V
 // takes P from registers. Per K/V tile t (visited from the last, masked, to the first):
-//   issue S_t = Q K_t^T;  issue O += P_{t-1} V_{t-1};  wait for S_t;  softmax of S_t -> P_t
-//   (the tensor cores meanwhile run P_{t-1} V_{t-1});  wait for O;  release slot t-1;  O *= alpha_t.
+//   issue S_t = Q K_t^T;  issue O += P_{t-1} V_{t-1};  wait for S_t (release K_t);  softmax of
+//   S_t -> P_t (the tensor cores meanwhile run P_{t-1} V_{t-1});  wait for O (release V_{t-1});
+//   O *= alpha_t.
 // The consumers never wait for each other, so one's softmax or epilogue runs under another's
-// GEMMs; O goes from registers straight to global memory, as shared memory holds the next Q.
+// GEMMs. Each warpgroup writes its rows of O with stmatrix into a shared tile that one of its
+// threads copies out by TMA (O_STAGED; where that tile does not fit, d256, O goes from registers
+// straight to global memory, two elements per store).
 #include "online_softmax.cuh"
 #include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
@@ -25,10 +28,11 @@
 #error "flash_fwd_sm90.cu needs -arch=sm_90a"
 #endif
 
-// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), STAGES, IS_CAUSAL, IS_DROPOUT.
+// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), STAGES, O_STAGED, IS_CAUSAL, IS_DROPOUT.
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kStages = STAGES;
+constexpr bool kStageO = O_STAGED;
 constexpr int kConsumers = BLOCK_M / 64;
 constexpr int kConsumerThreads = 128 * kConsumers;
 constexpr int kThreads = 128 + kConsumerThreads;
@@ -55,7 +59,8 @@ constexpr bool kWaitVInSoftmax = kConsumers == 2;
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
-               const __grid_constant__ TmaDesc tma_v, elem_t* __restrict__ o, float* __restrict__ lse,
+               const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_o,
+               elem_t* __restrict__ o, float* __restrict__ lse,
                int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
                int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
                int num_m_blocks, int num_bh, int tail_heads, int* __restrict__ unit_counter, float scale_log2,
@@ -66,21 +71,23 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Br, d)
     elem_t* sK = sQ + kBlockM * HEAD_DIM;             // kStages x (Bc, d)
     elem_t* sV = sK + kStages * kBlockN * HEAD_DIM;   // kStages x (Bc, d)
-    // 8-byte mbarriers: Q's full and empty, the ring's full K, full V and empty, the unit queue's
-    // full and empty; then the unit queue's slots.
-    unsigned char* sBar = reinterpret_cast<unsigned char*>(sV + kStages * kBlockN * HEAD_DIM);
+    elem_t* sO = sV + kStages * kBlockN * HEAD_DIM;   // (Br, d) if kStageO
+    // 8-byte mbarriers: Q's full and empty, the K ring's full and empty, the V ring's, the unit
+    // queue's full and empty; then the unit queue's slots.
+    unsigned char* sBar = reinterpret_cast<unsigned char*>(sO + (kStageO ? kBlockM * HEAD_DIM : 0));
     const unsigned full_q = smem_u32(sBar);
     const unsigned empty_q = full_q + 8;
     // Ring position r counts K/V tiles over all of the CTA's tiles of O.
     auto full_k = [&](int r) { return full_q + 8 * (2 + r % kStages); };
-    auto full_v = [&](int r) { return full_q + 8 * (2 + kStages + r % kStages); };
-    auto empty = [&](int r) { return full_q + 8 * (2 + 2 * kStages + r % kStages); };
+    auto empty_k = [&](int r) { return full_q + 8 * (2 + kStages + r % kStages); };
+    auto full_v = [&](int r) { return full_q + 8 * (2 + 2 * kStages + r % kStages); };
+    auto empty_v = [&](int r) { return full_q + 8 * (2 + 3 * kStages + r % kStages); };
     auto phase = [](int r) { return static_cast<unsigned>(r / kStages) & 1; };
     // Read by the Q thread and every consumer thread (all arrive, so that racecheck sees each
     // read ordered before the slot is rewritten).
     constexpr unsigned kUnitReaders = 1 + kConsumerThreads;
-    const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 3 * kStages + 4)), full_q + 8 * (2 + 3 * kStages),
-                          full_q + 8 * (4 + 3 * kStages), unit_counter};
+    const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 4 * kStages + 4)), full_q + 8 * (2 + 4 * kStages),
+                          full_q + 8 * (4 + 4 * kStages), unit_counter};
 
     const TileSchedule schedule{num_m_blocks, num_bh, tail_heads};
     const int diag = seqlen_k - seqlen_q;
@@ -92,8 +99,9 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
         ptx::mbar_init(empty_q, kConsumerThreads / 32);  // lane 0 of every consumer warp
         for (int s = 0; s < kStages; ++s) {
             ptx::mbar_init(full_k(s), 1);
+            ptx::mbar_init(empty_k(s), kConsumerThreads / 32);
             ptx::mbar_init(full_v(s), 1);
-            ptx::mbar_init(empty(s), kConsumerThreads / 32);
+            ptx::mbar_init(empty_v(s), kConsumerThreads / 32);
         }
         for (int s = 0; s < 2; ++s) {
             ptx::mbar_init(queue.full + 8 * s, 1);
@@ -111,10 +119,11 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 const int batch = bh / num_heads, head_k = bh % num_heads / group;
                 const int n_tiles = n_tiles_of(m_block);
                 for (int t = 0; t < n_tiles; ++t, ++ring) {
-                    if (ring >= kStages) ptx::mbar_wait(empty(ring), phase(ring) ^ 1);
                     const int slot = (ring % kStages) * kBlockN * HEAD_DIM, n0 = (n_tiles - 1 - t) * kBlockN;
+                    if (ring >= kStages) ptx::mbar_wait(empty_k(ring), phase(ring) ^ 1);
                     ptx::mbar_arrive_expect_tx(full_k(ring), kKVBytes);
                     tma_load_tile<kBlockN>(sK + slot, tma_k, n0, head_k, batch, full_k(ring));
+                    if (ring >= kStages) ptx::mbar_wait(empty_v(ring), phase(ring) ^ 1);
                     ptx::mbar_arrive_expect_tx(full_v(ring), kKVBytes);
                     tma_load_tile<kBlockN>(sV + slot, tma_v, n0, head_k, batch, full_v(ring));
                 }
@@ -134,7 +143,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
 
     ptx::setmaxnreg_inc<kConsumerRegs>();
     const int tid = threadIdx.x - 128;                // among the consumers
-    const int wg_row0 = (tid / 128) * 64;             // the warpgroup's rows of the tile
+    const int wg = tid / 128;
+    const int wg_row0 = wg * 64;                      // the warpgroup's rows of the tile
     const int warp_row0 = (tid / 32) * 16;            // the warp's rows, as in the mma C layout
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
     int ring = 0, q_tiles = 0;
@@ -184,6 +194,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::wgmma_fence();
             issue_s(0);
             ptx::wgmma_wait<0>();
+            if (tid % 32 == 0) ptx::mbar_arrive(empty_k(r0));
             if (n_tiles == 1) release_q();
             softmax(0);
             if (kWaitVInSoftmax) ptx::mbar_wait(full_v(r0), phase(r0));
@@ -197,13 +208,14 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 issue_s(t);
                 issue_pv(t - 1);
                 ptx::wgmma_wait<1>();
+                if (tid % 32 == 0) ptx::mbar_arrive(empty_k(r0 + t));
                 if (t == n_tiles - 1) release_q();
                 softmax(t);
                 if (kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + t), phase(r0 + t));
                 ptx::wgmma_wait<0>();
                 fence_regs(acc_o);
                 fence_regs(p);
-                if (tid % 32 == 0) ptx::mbar_arrive(empty(r0 + t - 1));
+                if (tid % 32 == 0) ptx::mbar_arrive(empty_v(r0 + t - 1));
                 rescale_rows(acc_o, alpha);
                 acc_to_a_frags(p, acc_s);
             }
@@ -215,14 +227,30 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::wgmma_wait<0>();
             fence_regs(acc_o);
             fence_regs(p);
-            if (tid % 32 == 0) ptx::mbar_arrive(empty(r0 + n_tiles - 1));
+            if (tid % 32 == 0) ptx::mbar_arrive(empty_v(r0 + n_tiles - 1));
             ring += n_tiles;
             ++q_tiles;
         }
 
         const int batch = bh / num_heads, head = bh % num_heads;
         normalize_rows(acc_o, m_i, l_i, rp_dropout, lse + static_cast<int64>(bh) * seqlen_q, m0 + warp_row0, seqlen_q);
-        store_acc_rows(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride, acc_o, warp_row0,
-                       o_row_stride, seqlen_q - m0, head_dim);
+        if (kStageO) {
+            // The warpgroup's rows of sO are free once its last copy has read them.
+            if (tid % 128 == 0) ptx::bulk_wait_read<0>();
+            ptx::named_barrier(1 + wg, 128);
+            stmatrix_acc_swizzled<kBlockM>(sO, acc_o, warp_row0);
+            ptx::fence_proxy_async();
+            ptx::named_barrier(1 + wg, 128);
+            if (tid % 128 == 0) {  // TMA leaves rows past seqlen_q and columns past head_dim unwritten
+#pragma unroll
+                for (int p = 0; p < HEAD_DIM / 64; ++p)
+                    ptx::tma_store_4d(&tma_o, smem_u32(sO + p * kBlockM * 64 + wg_row0 * 64), p * 64, m0 + wg_row0, head, batch);
+                ptx::bulk_commit();
+            }
+        } else {
+            store_acc_rows(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride, acc_o, warp_row0,
+                           o_row_stride, seqlen_q - m0, head_dim);
+        }
     });
+    if (kStageO && tid % 128 == 0) ptx::bulk_wait<0>();
 }

@@ -133,6 +133,20 @@ __device__ __forceinline__ void tma_load_4d(unsigned dst, const void* tmap, int 
                  :: "r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
 }
 
+// TMA: a box of shared memory at `src` into a 4-d tensor (map `tmap`) at coordinates c0..c3; the
+// copy joins this thread's current bulk group. Out-of-bounds parts of the box are not written.
+__device__ __forceinline__ void tma_store_4d(const void* tmap, unsigned src, int c0, int c1, int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n"
+                 :: "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src) : "memory");
+}
+
+// Store four 8x8 16-bit matrices held in the mma C layout (register i: matrix i, row lane / 4,
+// columns 2 (lane % 4) and +1); lane l gives the shared address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+
 // Add `bytes` (a multiple of 16) of float32 from shared to global memory, both 16-byte aligned,
 // asynchronously; the copy joins this thread's current bulk group.
 __device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem, unsigned bytes) {

@@ -49,6 +49,20 @@ __device__ __forceinline__ void store_acc_swizzled(elem_t* s, const float (&acc)
         }
 }
 
+// The same, with stmatrix: x4 store j writes n8 tiles 2j and 2j + 1, both row halves (matrix i of
+// it is tile 2j + i / 2, rows 8 (i % 2)..); lane l addresses row l % 8 of matrix l / 8.
+template <int ROWS, int DT>
+__device__ __forceinline__ void stmatrix_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
+    const int lane = threadIdx.x % 32, i = lane / 8;
+    const int r = row0 + (i % 2) * 8 + lane % 8;
+#pragma unroll
+    for (int j = 0; j < DT / 2; ++j)
+        ptx::stmatrix_x4(smem_u32(s + swizzled<ROWS>(r, 2 * j + i / 2)),
+                         ptx::pack2<elem_t>(acc[0][2 * j][0], acc[0][2 * j][1]), ptx::pack2<elem_t>(acc[0][2 * j][2], acc[0][2 * j][3]),
+                         ptx::pack2<elem_t>(acc[0][2 * j + 1][0], acc[0][2 * j + 1][1]),
+                         ptx::pack2<elem_t>(acc[0][2 * j + 1][2], acc[0][2 * j + 1][3]));
+}
+
 // Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.. of a tile at g, straight
 // to global memory, two elements per store; rows >= rows_valid and columns >= head_dim are skipped.
 template <int DT>

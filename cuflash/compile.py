@@ -53,7 +53,8 @@ HOPPER_ARCH_OPTION = "-arch=sm_90a"
 def forward_program(variant):
     """(source, options, kernel name) of a forward variant."""
     if plan.is_hopper(variant):
-        source, options, name = _program("flash_fwd_sm90.cu", variant, "flash_fwd_sm90", STAGES=variant.tile.stages)
+        source, options, name = _program("flash_fwd_sm90.cu", variant, "flash_fwd_sm90", STAGES=variant.tile.stages,
+                                         O_STAGED=int(variant.tile.o_staged))
         return source, options + (HOPPER_ARCH_OPTION,), name
     return _program("flash_fwd.cu", variant, "flash_fwd", STAGES=variant.tile.stages)
 

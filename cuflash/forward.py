@@ -28,7 +28,7 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, empty, stream, tile=N
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
     variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0,
-                                   hopper=hopper_runs(device_id, q, k, v))
+                                   hopper=hopper_runs(device_id, q, k, v, o))
     check_arch(variant, device_id)
     kernel, smem = _prepare(variant, device_id)
     m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
@@ -38,17 +38,17 @@ def launch_forward(q, k, v, o, lse, softmax_scale, causal, empty, stream, tile=N
     scale_log2 = softmax_scale * LOG2E
     rng = dropout.kernel_args(dropout_p, seed, offset)
     if plan.is_hopper(variant):
-        # q, k and v travel as TMA tensor maps (tma.encodable holds unless a HopperFwdTile forced it);
+        # q, k, v and o travel as TMA tensor maps (tma.encodable holds unless a HopperFwdTile forced it);
         # one persistent CTA per SM walks the tiles, claiming units of them from a counter that
         # starts at zero. `counter` holds the scratch buffer until the kernel is queued; the
         # allocators reuse memory in stream order after that.
         maps = (tma.tensor_map(q, variant.tile.block_m), tma.tensor_map(k, variant.tile.block_n),
-                tma.tensor_map(v, variant.tile.block_n))
+                tma.tensor_map(v, variant.tile.block_n), tma.tensor_map(o, 64))  # O: one warpgroup's rows
         tail_heads = plan.persistent_tail_heads(batch * nheads, m_blocks, sm_count(device_id), causal)
         grid = min(plan.persistent_units(batch * nheads, m_blocks, causal, tail_heads), sm_count(device_id))
         counter, counter_info = empty((1,), "int32")
         cupy.cuda.runtime.memsetAsync(counter_info.data_ptr, 0, 4, stream)
-        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s2Q3q8iQf4If",
+        launch(kernel, grid, variant.tile.threads, smem, stream, "128s128s128s128s2Q3q8iQf4If",
                *maps, o.data_ptr, lse.data_ptr, *(o.strides[axis] for axis in (0, 1, 2)),
                seqlen_q, seqlen_k, nheads, nheads_k, head_dim, m_blocks, batch * nheads, tail_heads,
                counter_info.data_ptr, scale_log2, *rng)

@@ -43,12 +43,14 @@ class FwdTile:
 @dataclass(frozen=True)
 class HopperFwdTile:
     """Br x Bc tile of the sm_90a forward kernel (cuda_src/flash_fwd_sm90.cu): a producer
-    warpgroup loading K/V tiles into a ring of `stages` slots, and Br / 64 consumer warpgroups of
-    128 threads, each owning 64 query rows."""
+    warpgroup loading K and V tiles into rings of `stages` slots each, and Br / 64 consumer
+    warpgroups of 128 threads, each owning 64 query rows; with `o_staged`, O leaves through a
+    shared (Br, d) tile copied out by TMA."""
 
     block_m: int
     block_n: int
     stages: int = 2
+    o_staged: bool = True
 
     def check(self, bucket):
         if self.block_m not in (64, 128, 192):
@@ -100,14 +102,18 @@ FWD_TILES = {
 # their tiles, which measured best with dropout too (d128: 211 vs 202 for (128, 32, 4)).
 FWD_DROPOUT_TILES = {64: FwdTile(128, 64, 4)}
 # The sm_90a forward (wgmma), picked on compute capability 9.0 for these buckets. Registers per
-# consumer thread: O takes d/2, S Bc/2, P (two tiles in flight) Bc/2. A third K/V slot is worth
-# 1.4x at d64 and 2x at d128 over two (bf16, s=16k: 445 vs 324 and 623 vs 447 TFLOP/s, bench --tiles).
+# consumer thread: O takes d/2, S Bc/2, P (two tiles in flight) Bc/2. With one ring for K and V
+# (a slot freed after its P V), a third slot was worth 1.4x at d64 and 2x at d128 over two (bf16,
+# s=16k: 445 vs 324 and 623 vs 447 TFLOP/s, bench --tiles); since K and V have rings of their own
+# (a K slot freed after its S), two slots each serve d128 and leave room for the staged O, which
+# measured +1-3% without causal and +4-7% causal over three slots and O stored from registers
+# (bench/NOTES.md, v2.8).
 HOPPER_FWD_TILES = {
     # d64: 3 consumer warpgroups (160 registers each) overlap more softmax with GEMMs than 2:
     # bf16 s = 2k / 4k / 16k, 465 / 467 / 490 TFLOP/s against 409 / 420 / 431 for (128, 128, 3).
-    64: HopperFwdTile(192, 128, 3),   # 121 KB
-    128: HopperFwdTile(128, 128, 3),  # 225 KB of the H100's 227
-    256: HopperFwdTile(128, 64, 2),   # 193 KB; O alone is 128 registers
+    64: HopperFwdTile(192, 128, 3),   # 145 KB
+    128: HopperFwdTile(128, 128, 2),  # 193 KB
+    256: HopperFwdTile(128, 64, 2, o_staged=False),  # 193 KB (a staged O would need 257); O is 128 registers
 }
 # With dropout the Philox calls need registers that 3 consumer warpgroups (160 each) lack: d64's
 # (192, 128) tile spills 188 bytes there, (128, 128) none.
@@ -131,7 +137,8 @@ def forward_smem_bytes(head_dim, tile):
     bytes; the sm_90a kernel's tiles are swizzled, unpadded, and 1024-byte aligned by 1 KB of slack,
     and its ring has 3 mbarriers per stage."""
     if isinstance(tile, HopperFwdTile):
-        return (tile.block_m + 2 * tile.stages * tile.block_n) * head_dim * 2 + HOPPER_SMEM_SLACK
+        o_rows = tile.block_m if tile.o_staged else 0
+        return (tile.block_m + 2 * tile.stages * tile.block_n + o_rows) * head_dim * 2 + HOPPER_SMEM_SLACK
     pitch_bytes = (head_dim + 8) * 2
     return (tile.block_m + 2 * tile.stages * tile.block_n) * pitch_bytes
 

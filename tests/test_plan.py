@@ -159,10 +159,10 @@ def test_hopper_tiles_are_legal_and_fit_h100(bucket, tile, smem_bytes):
 
 
 def test_hopper_smem_bytes():
-    # Q (128 rows) and two K and two V tiles (128 rows each) of 128 unpadded halves, plus 1 KB of
-    # alignment slack and room for the mbarriers and the unit queue.
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128) * 128 * 2 + 1024 + 256
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3)) == (128 + 6 * 64) * 128 * 2 + 1024 + 256
+    # Q (128 rows), two K and two V tiles (128 rows each) and the staged O (128 rows) of 128
+    # unpadded halves, plus 1 KB of alignment slack and room for the mbarriers and the unit queue.
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128 + 128) * 128 * 2 + 1024 + 256
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3, o_staged=False)) == (128 + 6 * 64) * 128 * 2 + 1024 + 256
 
 
 def test_hopper_threads():
