@@ -150,7 +150,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             float acc_dq[GridDQ::kMT][GridDQ::kNT][4];
             zero(acc_dq);
             warp_gemm_ss<GridDQ::kMT, GridDQ::kNT, kBlockN, true, true>(acc_dq, sdSt + r0, kPitchP, sK + c0, kPitch);
-            float* gdq = dq_accum + (static_cast<int64>(batch * num_heads + head) * seqlen_q + m0) * head_dim;
+            float* gdq = dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim);
 #pragma unroll
             for (int mt = 0; mt < GridDQ::kMT; ++mt)
 #pragma unroll
