@@ -62,10 +62,10 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     float* sdQ = reinterpret_cast<float*>(sdSt + 2 * kBlockN * kBlockM);   // a DqTile
     float* sStats = sdQ + DqTile::kFloats;                                  // kStages x (lse2, D) x Br
     const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
-    auto full_q = [&](int i) { return bar_kv + 8 * (1 + i % kStages); };
-    auto full_stats = [&](int i) { return bar_kv + 8 * (1 + kStages + i % kStages); };
-    auto empty = [&](int i) { return bar_kv + 8 * (1 + 2 * kStages + i % kStages); };
-    auto phase = [](int i) { return static_cast<unsigned>(i / kStages) & 1; };
+    // Q_i and dO_i land on q_ring's full barrier, lse2_i and D_i (written by the producer's
+    // stats warp) on stats_ring's; the two rings share their empty barriers.
+    const MbarRing<kStages> q_ring{bar_kv + 8, bar_kv + 8 * (1 + 2 * kStages)};
+    const MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
 
     const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
@@ -74,9 +74,9 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     if (threadIdx.x == 0) {
         ptx::mbar_init(bar_kv, 1);
         for (int s = 0; s < kStages; ++s) {
-            ptx::mbar_init(full_q(s), 1);
-            ptx::mbar_init(full_stats(s), 32);
-            ptx::mbar_init(empty(s), kConsumerThreads);
+            ptx::mbar_init(q_ring.full(s), 1);
+            ptx::mbar_init(stats_ring.full(s), 32);
+            ptx::mbar_init(q_ring.empty(s), kConsumerThreads);
         }
         ptx::fence_mbar_init();
     }
@@ -89,18 +89,18 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             tma_load_tile<kBlockN>(sK, tma_k, n0, head_k, batch, bar_kv);
             tma_load_tile<kBlockN>(sV, tma_v, n0, head_k, batch, bar_kv);
             for (int i = 0; i < n_iters; ++i) {
-                if (i >= kStages) ptx::mbar_wait(empty(i), phase(i) ^ 1);
+                q_ring.wait_empty(i);
                 elem_t* slot_q = sQ + (i % kStages) * kBlockM * HEAD_DIM;
                 elem_t* slot_do = sdO + (i % kStages) * kBlockM * HEAD_DIM;
-                ptx::mbar_arrive_expect_tx(full_q(i), kQdOBytes);
+                ptx::mbar_arrive_expect_tx(q_ring.full(i), kQdOBytes);
                 const int m0 = work.m_block(i) * kBlockM, head = work.head(i);
-                tma_load_tile<kBlockM>(slot_q, tma_q, m0, head, batch, full_q(i));
-                tma_load_tile<kBlockM>(slot_do, tma_do, m0, head, batch, full_q(i));
+                tma_load_tile<kBlockM>(slot_q, tma_q, m0, head, batch, q_ring.full(i));
+                tma_load_tile<kBlockM>(slot_do, tma_do, m0, head, batch, q_ring.full(i));
             }
         } else if (threadIdx.x / 32 == 1) {
             const int lane = threadIdx.x % 32;
             for (int i = 0; i < n_iters; ++i) {
-                if (i >= kStages) ptx::mbar_wait(empty(i), phase(i) ^ 1);
+                q_ring.wait_empty(i);
                 const int m0 = work.m_block(i) * kBlockM;
                 const int64 row0 = static_cast<int64>(batch * num_heads + work.head(i)) * seqlen_q_pad + m0;
                 float* slot = sStats + (i % kStages) * 2 * kBlockM;
@@ -109,7 +109,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                     slot[r] = valid ? lse2[row0 + r] : 0.f;
                     slot[kBlockM + r] = valid ? dsum[row0 + r] : 0.f;
                 }
-                ptx::mbar_arrive(full_stats(i));
+                ptx::mbar_arrive(stats_ring.full(i));
             }
         }
         return;
@@ -138,8 +138,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         float acc_s[1][kQT][4], acc_dp[1][kQT][4];
         fence_regs(acc_dk);
         fence_regs(acc_dv);
-        ptx::mbar_wait(full_q(i), phase(i));
-        ptx::mbar_wait(full_stats(i), phase(i));
+        q_ring.wait_full(i);
+        stats_ring.wait_full(i);
         ptx::wgmma_fence();
         wg_gemm_abt<kBlockM, kBlockN>(acc_s[0], sK + wg * 64 * 64, sQi);
         wg_gemm_abt<kBlockM, kBlockN>(acc_dp[0], sV + wg * 64 * 64, sdOi);
@@ -177,7 +177,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         fence_regs(acc_dv);
         fence_regs(pt);
         fence_regs(dst);
-        ptx::mbar_arrive(empty(i));  // by every thread, each after its own reads of the slot's stats
+        ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
 
         const int row_base = dq_row0 + (tid / 32) % 4 * 16;
 #pragma unroll

@@ -78,11 +78,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     const unsigned full_q = smem_u32(sBar);
     const unsigned empty_q = full_q + 8;
     // Ring position r counts K/V tiles over all of the CTA's tiles of O.
-    auto full_k = [&](int r) { return full_q + 8 * (2 + r % kStages); };
-    auto empty_k = [&](int r) { return full_q + 8 * (2 + kStages + r % kStages); };
-    auto full_v = [&](int r) { return full_q + 8 * (2 + 2 * kStages + r % kStages); };
-    auto empty_v = [&](int r) { return full_q + 8 * (2 + 3 * kStages + r % kStages); };
-    auto phase = [](int r) { return static_cast<unsigned>(r / kStages) & 1; };
+    const MbarRing<kStages> k_ring{full_q + 8 * 2, full_q + 8 * (2 + kStages)};
+    const MbarRing<kStages> v_ring{full_q + 8 * (2 + 2 * kStages), full_q + 8 * (2 + 3 * kStages)};
     // Read by the Q thread and every consumer thread (all arrive, so that racecheck sees each
     // read ordered before the slot is rewritten).
     constexpr unsigned kUnitReaders = 1 + kConsumerThreads;
@@ -98,10 +95,10 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
         ptx::mbar_init(full_q, 1);
         ptx::mbar_init(empty_q, kConsumerThreads / 32);  // lane 0 of every consumer warp
         for (int s = 0; s < kStages; ++s) {
-            ptx::mbar_init(full_k(s), 1);
-            ptx::mbar_init(empty_k(s), kConsumerThreads / 32);
-            ptx::mbar_init(full_v(s), 1);
-            ptx::mbar_init(empty_v(s), kConsumerThreads / 32);
+            ptx::mbar_init(k_ring.full(s), 1);
+            ptx::mbar_init(k_ring.empty(s), kConsumerThreads / 32);
+            ptx::mbar_init(v_ring.full(s), 1);
+            ptx::mbar_init(v_ring.empty(s), kConsumerThreads / 32);
         }
         for (int s = 0; s < 2; ++s) {
             ptx::mbar_init(queue.full + 8 * s, 1);
@@ -120,12 +117,12 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 const int n_tiles = n_tiles_of(m_block);
                 for (int t = 0; t < n_tiles; ++t, ++ring) {
                     const int slot = (ring % kStages) * kBlockN * HEAD_DIM, n0 = (n_tiles - 1 - t) * kBlockN;
-                    if (ring >= kStages) ptx::mbar_wait(empty_k(ring), phase(ring) ^ 1);
-                    ptx::mbar_arrive_expect_tx(full_k(ring), kKVBytes);
-                    tma_load_tile<kBlockN>(sK + slot, tma_k, n0, head_k, batch, full_k(ring));
-                    if (ring >= kStages) ptx::mbar_wait(empty_v(ring), phase(ring) ^ 1);
-                    ptx::mbar_arrive_expect_tx(full_v(ring), kKVBytes);
-                    tma_load_tile<kBlockN>(sV + slot, tma_v, n0, head_k, batch, full_v(ring));
+                    k_ring.wait_empty(ring);
+                    ptx::mbar_arrive_expect_tx(k_ring.full(ring), kKVBytes);
+                    tma_load_tile<kBlockN>(sK + slot, tma_k, n0, head_k, batch, k_ring.full(ring));
+                    v_ring.wait_empty(ring);
+                    ptx::mbar_arrive_expect_tx(v_ring.full(ring), kKVBytes);
+                    tma_load_tile<kBlockN>(sV + slot, tma_v, n0, head_k, batch, v_ring.full(ring));
                 }
             });
         } else if (threadIdx.x == 32) {  // Q tiles, each once the last S of the previous one is issued
@@ -190,44 +187,44 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             // wgmma_fence, or their writes may sink past it.
             fence_regs(acc_o);
             ptx::mbar_wait(full_q, q_tiles & 1);
-            ptx::mbar_wait(full_k(r0), phase(r0));
+            k_ring.wait_full(r0);
             ptx::wgmma_fence();
             issue_s(0);
             ptx::wgmma_wait<0>();
-            if (tid % 32 == 0) ptx::mbar_arrive(empty_k(r0));
+            if (tid % 32 == 0) ptx::mbar_arrive(k_ring.empty(r0));
             if (n_tiles == 1) release_q();
             softmax(0);
-            if (kWaitVInSoftmax) ptx::mbar_wait(full_v(r0), phase(r0));
+            if (kWaitVInSoftmax) v_ring.wait_full(r0);
             acc_to_a_frags(p, acc_s);
             for (int t = 1; t < n_tiles; ++t) {
                 fence_regs(acc_o);
                 fence_regs(p);
-                ptx::mbar_wait(full_k(r0 + t), phase(r0 + t));
-                if (!kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + t - 1), phase(r0 + t - 1));
+                k_ring.wait_full(r0 + t);
+                if (!kWaitVInSoftmax) v_ring.wait_full(r0 + t - 1);
                 ptx::wgmma_fence();
                 issue_s(t);
                 issue_pv(t - 1);
                 ptx::wgmma_wait<1>();
-                if (tid % 32 == 0) ptx::mbar_arrive(empty_k(r0 + t));
+                if (tid % 32 == 0) ptx::mbar_arrive(k_ring.empty(r0 + t));
                 if (t == n_tiles - 1) release_q();
                 softmax(t);
-                if (kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + t), phase(r0 + t));
+                if (kWaitVInSoftmax) v_ring.wait_full(r0 + t);
                 ptx::wgmma_wait<0>();
                 fence_regs(acc_o);
                 fence_regs(p);
-                if (tid % 32 == 0) ptx::mbar_arrive(empty_v(r0 + t - 1));
+                if (tid % 32 == 0) ptx::mbar_arrive(v_ring.empty(r0 + t - 1));
                 rescale_rows(acc_o, alpha);
                 acc_to_a_frags(p, acc_s);
             }
             fence_regs(acc_o);
             fence_regs(p);
-            if (!kWaitVInSoftmax) ptx::mbar_wait(full_v(r0 + n_tiles - 1), phase(r0 + n_tiles - 1));
+            if (!kWaitVInSoftmax) v_ring.wait_full(r0 + n_tiles - 1);
             ptx::wgmma_fence();
             issue_pv(n_tiles - 1);
             ptx::wgmma_wait<0>();
             fence_regs(acc_o);
             fence_regs(p);
-            if (tid % 32 == 0) ptx::mbar_arrive(empty_v(r0 + n_tiles - 1));
+            if (tid % 32 == 0) ptx::mbar_arrive(v_ring.empty(r0 + n_tiles - 1));
             ring += n_tiles;
             ++q_tiles;
         }
