@@ -134,8 +134,8 @@ def head_dim_bucket(head_dim):
 
 def forward_smem_bytes(head_dim, tile):
     """Shared memory of the forward kernel: a Q tile and `stages` K and V tiles, rows padded by 16
-    bytes; the sm_90a kernel's tiles are swizzled, unpadded, and 1024-byte aligned by 1 KB of slack,
-    and its ring has 3 mbarriers per stage."""
+    bytes; the sm_90a kernel's tiles (and its staged O) are swizzled, unpadded, and 1024-byte
+    aligned by 1 KB of slack, which HOPPER_SMEM_SLACK tops up for the mbarriers."""
     if isinstance(tile, HopperFwdTile):
         o_rows = tile.block_m if tile.o_staged else 0
         return (tile.block_m + 2 * tile.stages * tile.block_n + o_rows) * head_dim * 2 + HOPPER_SMEM_SLACK
@@ -197,7 +197,7 @@ def persistent_tail_heads(num_bh, num_m_blocks, grid, causal):
     (cuda_src/tile_scheduler.cuh): under causal enough for TAIL_ROUNDS per CTA, so that the CTAs
     end within a short tile of each other. None without causal, where every tile costs the same,
     nor where the grid takes every pair at once, all of the same cost."""
-    if not causal or num_bh * ((num_m_blocks + 1) // 2) <= grid:
+    if not causal or persistent_units(num_bh, num_m_blocks, causal) <= grid:
         return 0
     return min(num_bh, -(-TAIL_ROUNDS * grid // num_m_blocks))
 
