@@ -64,8 +64,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
     // Q_i and dO_i land on q_ring's full barrier, lse2_i and D_i (written by the producer's
     // stats warp) on stats_ring's; the two rings share their empty barriers.
-    const MbarRing<kStages> q_ring{bar_kv + 8, bar_kv + 8 * (1 + 2 * kStages)};
-    const MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
+    const ptx::MbarRing<kStages> q_ring{bar_kv + 8, bar_kv + 8 * (1 + 2 * kStages)};
+    const ptx::MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
 
     const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;

@@ -75,16 +75,17 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     // 8-byte mbarriers: Q's full and empty, the K ring's full and empty, the V ring's, the unit
     // queue's full and empty; then the unit queue's slots.
     unsigned char* sBar = reinterpret_cast<unsigned char*>(sO + (kStageO ? kBlockM * HEAD_DIM : 0));
-    const unsigned full_q = smem_u32(sBar);
-    const unsigned empty_q = full_q + 8;
-    // Ring position r counts K/V tiles over all of the CTA's tiles of O.
-    const MbarRing<kStages> k_ring{full_q + 8 * 2, full_q + 8 * (2 + kStages)};
-    const MbarRing<kStages> v_ring{full_q + 8 * (2 + 2 * kStages), full_q + 8 * (2 + 3 * kStages)};
+    const unsigned bar0 = smem_u32(sBar);
+    // Q's position counts the CTA's tiles of O that see a key; K/V ring position r counts K/V
+    // tiles over all of them.
+    const ptx::MbarRing<1> q_ring{bar0, bar0 + 8};
+    const ptx::MbarRing<kStages> k_ring{bar0 + 8 * 2, bar0 + 8 * (2 + kStages)};
+    const ptx::MbarRing<kStages> v_ring{bar0 + 8 * (2 + 2 * kStages), bar0 + 8 * (2 + 3 * kStages)};
     // Read by the Q thread and every consumer thread (all arrive, so that racecheck sees each
     // read ordered before the slot is rewritten).
     constexpr unsigned kUnitReaders = 1 + kConsumerThreads;
-    const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 4 * kStages + 4)), full_q + 8 * (2 + 4 * kStages),
-                          full_q + 8 * (4 + 4 * kStages), unit_counter};
+    const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 4 * kStages + 4)),
+                          {bar0 + 8 * (2 + 4 * kStages), bar0 + 8 * (4 + 4 * kStages)}, unit_counter};
 
     const TileSchedule schedule{num_m_blocks, num_bh, tail_heads};
     const int diag = seqlen_k - seqlen_q;
@@ -92,8 +93,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(m_block * kBlockM, kBlockM, kBlockN, seqlen_k, diag); };
 
     if (threadIdx.x == 0) {
-        ptx::mbar_init(full_q, 1);
-        ptx::mbar_init(empty_q, kConsumerThreads / 32);  // lane 0 of every consumer warp
+        ptx::mbar_init(q_ring.full(0), 1);
+        ptx::mbar_init(q_ring.empty(0), kConsumerThreads / 32);  // lane 0 of every consumer warp
         for (int s = 0; s < kStages; ++s) {
             ptx::mbar_init(k_ring.full(s), 1);
             ptx::mbar_init(k_ring.empty(s), kConsumerThreads / 32);
@@ -101,8 +102,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::mbar_init(v_ring.empty(s), kConsumerThreads / 32);
         }
         for (int s = 0; s < 2; ++s) {
-            ptx::mbar_init(queue.full + 8 * s, 1);
-            ptx::mbar_init(queue.empty + 8 * s, kUnitReaders);
+            ptx::mbar_init(queue.ring.full(s), 1);
+            ptx::mbar_init(queue.ring.empty(s), kUnitReaders);
         }
         ptx::fence_mbar_init();
     }
@@ -129,9 +130,9 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             int q_tiles = 0;
             for_each_tile<false>(schedule, queue, [&](int bh, int m_block) {
                 if (n_tiles_of(m_block) == 0) return;
-                if (q_tiles > 0) ptx::mbar_wait(empty_q, (q_tiles - 1) & 1);
-                ptx::mbar_arrive_expect_tx(full_q, kQBytes);
-                tma_load_tile<kBlockM>(sQ, tma_q, m_block * kBlockM, bh % num_heads, bh / num_heads, full_q);
+                q_ring.wait_empty(q_tiles);
+                ptx::mbar_arrive_expect_tx(q_ring.full(q_tiles), kQBytes);
+                tma_load_tile<kBlockM>(sQ, tma_q, m_block * kBlockM, bh % num_heads, bh / num_heads, q_ring.full(q_tiles));
                 ++q_tiles;
             });
         }
@@ -180,13 +181,13 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 if (IS_DROPOUT) drop_scores(acc_s, rng, bh, m0 + warp_row0, n0);
             };
             auto release_q = [&]() {         // every S of this tile has been read out of sQ
-                if (tid % 32 == 0) ptx::mbar_arrive(empty_q);
+                if (tid % 32 == 0) ptx::mbar_arrive(q_ring.empty(q_tiles));
             };
 
             // The wgmma operands written by ordinary instructions (acc_o, p) are pinned before each
             // wgmma_fence, or their writes may sink past it.
             fence_regs(acc_o);
-            ptx::mbar_wait(full_q, q_tiles & 1);
+            q_ring.wait_full(q_tiles);
             k_ring.wait_full(r0);
             ptx::wgmma_fence();
             issue_s(0);

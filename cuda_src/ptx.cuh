@@ -126,6 +126,25 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
                  "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 
+// A ring of N shared-memory slots that a producer (TMA, or a thread) fills and consumers drain:
+// position i uses slot i % N in phase (i / N) & 1, with a "full" mbarrier (the slot is written)
+// and an "empty" one (every consumer is done with it); slot s's barriers are 8 s bytes after
+// slot 0's.
+template <int N>
+struct MbarRing {
+    unsigned full0, empty0;  // shared addresses of slot 0's barriers
+
+    __device__ __forceinline__ unsigned full(int i) const { return full0 + 8 * (i % N); }
+    __device__ __forceinline__ unsigned empty(int i) const { return empty0 + 8 * (i % N); }
+    static __device__ __forceinline__ unsigned phase(int i) { return static_cast<unsigned>(i / N) & 1; }
+    // Consumer: until position i has landed.
+    __device__ __forceinline__ void wait_full(int i) const { mbar_wait(full(i), phase(i)); }
+    // Producer: until position i - N has been drained from i's slot (at once for the first N).
+    __device__ __forceinline__ void wait_empty(int i) const {
+        if (i >= N) mbar_wait(empty(i), phase(i) ^ 1);
+    }
+};
+
 // TMA: a box of a 4-d tensor (map `tmap`, a __grid_constant__ parameter) at coordinates c0..c3
 // into shared memory, completing `bytes` on mbarrier `bar`.
 __device__ __forceinline__ void tma_load_4d(unsigned dst, const void* tmap, int c0, int c1, int c2, int c3, unsigned bar) {

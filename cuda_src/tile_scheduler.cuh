@@ -42,11 +42,11 @@ struct TileSchedule {
 };
 
 // How a CTA's threads agree on its units: one thread claims them (CLAIM) and posts each in a
-// 2-slot ring in shared memory; the others read them from there. mbarriers full (1 arrival) and
-// empty (`readers` arrivals) per slot, 8 bytes apart; the counter is zero at launch.
+// 2-slot ring in shared memory; the others read them from there (full: 1 arrival, empty: one per
+// reader). The counter is zero at launch.
 struct UnitQueue {
     int* slots;
-    unsigned full, empty;
+    ptx::MbarRing<2> ring;
     int* counter;
 };
 
@@ -60,15 +60,14 @@ __device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, cons
     int u = blockIdx.x;
 #pragma unroll 1
     for (int k = 0;; ++k) {
-        const unsigned slot = k % 2, parity = (k / 2) & 1;
         if (CLAIM) {
-            if (k >= 2) ptx::mbar_wait(queue.empty + 8 * slot, parity ^ 1);
-            queue.slots[slot] = u;
-            ptx::mbar_arrive(queue.full + 8 * slot);
+            queue.ring.wait_empty(k);
+            queue.slots[k % 2] = u;
+            ptx::mbar_arrive(queue.ring.full(k));
         } else {
-            ptx::mbar_wait(queue.full + 8 * slot, parity);
-            u = queue.slots[slot];
-            ptx::mbar_arrive(queue.empty + 8 * slot);
+            queue.ring.wait_full(k);
+            u = queue.slots[k % 2];
+            ptx::mbar_arrive(queue.ring.empty(k));
         }
         if (u >= schedule.num_units()) return;
 #pragma unroll 1

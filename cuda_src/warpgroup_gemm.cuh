@@ -29,24 +29,6 @@ __device__ __forceinline__ void tma_load_tile(elem_t* s, const TmaDesc& map, int
     for (int p = 0; p < HEAD_DIM / 64; ++p) ptx::tma_load_4d(smem_u32(s + p * ROWS * 64), &map, p * 64, row, head, batch, bar);
 }
 
-// A ring of N shared-memory slots that TMA fills and consumers drain: position i uses slot i % N
-// in phase (i / N) & 1, with a "full" mbarrier (the copies landed) and an "empty" one (every
-// consumer is done with the slot); the barriers of slot s are 8 s bytes after slot 0's.
-template <int N>
-struct MbarRing {
-    unsigned full0, empty0;  // shared addresses of slot 0's barriers
-
-    __device__ __forceinline__ unsigned full(int i) const { return full0 + 8 * (i % N); }
-    __device__ __forceinline__ unsigned empty(int i) const { return empty0 + 8 * (i % N); }
-    static __device__ __forceinline__ unsigned phase(int i) { return static_cast<unsigned>(i / N) & 1; }
-    // Consumer: until position i has landed.
-    __device__ __forceinline__ void wait_full(int i) const { ptx::mbar_wait(full(i), phase(i)); }
-    // Producer: until position i - N has been drained from i's slot (at once for the first N).
-    __device__ __forceinline__ void wait_empty(int i) const {
-        if (i >= N) ptx::mbar_wait(empty(i), phase(i) ^ 1);
-    }
-};
-
 // Element offset of 16-byte chunk `chunk` (of HEAD_DIM / 8) of row r in a swizzled tile.
 template <int ROWS>
 __device__ __forceinline__ int swizzled(int r, int chunk) {
