@@ -1,6 +1,6 @@
 // The backward's two row-parallel passes around the dK/dV kernels (mma.sync or wgmma):
 // flash_bwd_preprocess before them, flash_bwd_convert_dq after them (DQ_ATOMIC mode), and the
-// layout of the float32 dQ accumulator between them.
+// layout of the float32 dQ accumulator between them (which the launcher zeroes).
 #pragma once
 #include "flash_common.cuh"
 
@@ -30,8 +30,7 @@ struct DqTile {
 
 // Offset of dQ element (r, c) of (batch * head) bh in the accumulator: whole DqTiles of
 // ceil(seqlen_q / BLOCK_M) * BLOCK_M rows per head for the sm_90a kernel (the rows and columns
-// past seqlen_q and head_dim are scratch, neither zeroed nor read), else (seqlen_q, head_dim)
-// row-major.
+// past seqlen_q and head_dim are scratch, never read), else (seqlen_q, head_dim) row-major.
 __device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqlen_q, int head_dim) {
 #if DQ_TILED
     const int m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
@@ -42,10 +41,10 @@ __device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqle
 }
 
 // D = rowsum(dO * O) * d_scale; lse2 = lse * log2(e) (+inf where lse = -inf, so that P = 0
-// there); with DQ_ATOMIC, zeroes the float32 dQ accumulator.
+// there).
 extern "C" __global__ void __launch_bounds__(128)
 flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ lse,
-                     float* __restrict__ lse2, float* __restrict__ dsum, float* __restrict__ dq_accum,
+                     float* __restrict__ lse2, float* __restrict__ dsum,
                      int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
                      int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
                      int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total, float d_scale) {
@@ -63,11 +62,6 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
         const elem_t* de = reinterpret_cast<const elem_t*>(&dv);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc += static_cast<float>(oe[i]) * static_cast<float>(de[i]);
-        if (DQ_ATOMIC) {
-            float4* dq = reinterpret_cast<float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
-            dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-            dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);

@@ -1,7 +1,7 @@
 // FlashAttention backward, portable path for sm_80+ (mma.sync, ldmatrix, cp.async).
 //
 // flash_bwd_preprocess  D = rowsum(dO * O); lse2 = lse * log2(e) (+inf where lse = -inf, so that
-//                       P = 0 there); zeroes the float32 dQ accumulator.
+//                       P = 0 there).
 // flash_bwd_dkdv        one CTA per (K/V tile j, batch, kv head). K_j and V_j stay in shared
 //                       memory; the CTA walks every query head of its kv head's group and every Q
 //                       tile i that can see tile j, in KvBlockWork's order (tile_scheduler.cuh),

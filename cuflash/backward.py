@@ -2,6 +2,7 @@
 O(seqlen)), and launches preprocess -> dK/dV (+ dQ atomics) -> dQ conversion, or, when
 deterministic, preprocess -> dK/dV -> a separate dQ pass with no atomics. On compute capability
 9.0 the dK/dV kernel of the non-deterministic path is the sm_90a one (d 64 and 128)."""
+import math
 import threading
 
 from . import compile as compile_
@@ -42,9 +43,12 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     seqlen_q_pad = -(-seqlen_q // 4) * 4
     keep = [empty((batch, nheads, seqlen_q_pad), "float32") for _ in range(2)]
     lse2, dsum = (info.data_ptr for _, info in keep)
+    dq_accum = 0
     if not deterministic:
-        keep.append(empty(plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim), "float32"))
-    dq_accum = 0 if deterministic else keep[-1][1].data_ptr
+        shape = plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim)
+        keep.append(empty(shape, "float32"))
+        dq_accum = keep[-1][1].data_ptr
+        cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * math.prod(shape), stream)
 
     def strides(*arrays):
         return [a.strides[axis] for a in arrays for axis in (0, 1, 2)]
@@ -55,8 +59,8 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     ds_scale = softmax_scale * rp_dropout
     row_blocks = -(-rows // ROWS_PER_BLOCK)
     function, _ = kernels["flash_bwd_preprocess"]
-    launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "6Q6q5if",
-           out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, dq_accum, *strides(out, dout),
+    launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "5Q6q5if",
+           out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, *strides(out, dout),
            seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
     shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, scale_log2, ds_scale,
                   *rng, rp_dropout)
