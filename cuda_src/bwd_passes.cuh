@@ -40,6 +40,20 @@ __device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqle
 #endif
 }
 
+// The row passes' geometry: blocks of 4 warps, each warp 4 rows. kLanesPerRow lanes (the power of
+// two that covers the bucket's 16-byte chunks) share a row, lane l of them holding columns
+// 8l .. 8l + 7, so that every lane has a load in flight at d <= 128 too; a warp issues the loads
+// of all its rows before it reduces or stores any.
+constexpr int kRowsPerBlock = 16;  // cuflash/backward.py: ROWS_PER_BLOCK
+constexpr int kLanesPerRow = HEAD_DIM <= 64 ? 8 : HEAD_DIM <= 128 ? 16 : 32;
+constexpr int kRowsPerPass = 32 / kLanesPerRow, kPasses = 4 / kRowsPerPass;
+
+// Row of pass p of this thread, and its first column.
+__device__ __forceinline__ int pass_row(int p) {
+    return blockIdx.x * kRowsPerBlock + threadIdx.x / 32 * 4 + p * kRowsPerPass + threadIdx.x % 32 / kLanesPerRow;
+}
+__device__ __forceinline__ int lane_col() { return threadIdx.x % kLanesPerRow * 8; }
+
 // D = rowsum(dO * O) * d_scale; lse2 = lse * log2(e) (+inf where lse = -inf, so that P = 0
 // there).
 extern "C" __global__ void __launch_bounds__(128)
@@ -48,28 +62,33 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
                      int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
                      int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
                      int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total, float d_scale) {
-    // One warp per query row; lane l holds columns 8l .. 8l + 7.
-    const int row_id = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row_id >= rows_total) return;
-    const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-    const int batch = bh / num_heads, head = bh % num_heads;
-    const int c = lane * 8;
-    float acc = 0.f;
-    if (c < head_dim) {
+    const int c = lane_col();
+    float acc[kPasses];
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+        const int row_id = pass_row(p);
+        acc[p] = 0.f;
+        if (row_id >= rows_total || c >= head_dim) continue;
+        const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
+        const int batch = bh / num_heads, head = bh % num_heads;
         const uint4 ov = *reinterpret_cast<const uint4*>(o + batch * o_batch_stride + r * o_row_stride + head * o_head_stride + c);
         const uint4 dv = *reinterpret_cast<const uint4*>(dout + batch * do_batch_stride + r * do_row_stride + head * do_head_stride + c);
         const elem_t* oe = reinterpret_cast<const elem_t*>(&ov);
         const elem_t* de = reinterpret_cast<const elem_t*>(&dv);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc += static_cast<float>(oe[i]) * static_cast<float>(de[i]);
+        for (int i = 0; i < 8; ++i) acc[p] += static_cast<float>(oe[i]) * static_cast<float>(de[i]);
     }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
-    if (lane == 0) {
-        const int64 i = static_cast<int64>(bh) * seqlen_q_pad + r;
-        const float l = lse[static_cast<int64>(row_id)];
-        dsum[i] = acc * d_scale;
-        lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
+    for (int p = 0; p < kPasses; ++p) {
+#pragma unroll
+        for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) acc[p] += __shfl_xor_sync(0xffffffff, acc[p], offset);
+        const int row_id = pass_row(p);
+        if (c == 0 && row_id < rows_total) {
+            const int64 i = static_cast<int64>(row_id / seqlen_q) * seqlen_q_pad + row_id % seqlen_q;
+            const float l = lse[static_cast<int64>(row_id)];
+            dsum[i] = acc[p] * d_scale;
+            lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
+        }
     }
 }
 
@@ -78,16 +97,20 @@ extern "C" __global__ void __launch_bounds__(128)
 flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
                      int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
                      int seqlen_q, int num_heads, int head_dim, int rows_total, float scale) {
-    // One warp per (batch, head, row) of the accumulator; lane l converts columns 8l .. 8l + 7.
-    const int row_id = blockIdx.x * 4 + threadIdx.x / 32, c = (threadIdx.x % 32) * 8;
-    if (row_id >= rows_total || c >= head_dim) return;
-    const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-    const float4* src = reinterpret_cast<const float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
-    const float4 a = src[0], b = src[1];
-    uint4 packed;
-    packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);
-    packed.y = ptx::pack2<elem_t>(a.z * scale, a.w * scale);
-    packed.z = ptx::pack2<elem_t>(b.x * scale, b.y * scale);
-    packed.w = ptx::pack2<elem_t>(b.z * scale, b.w * scale);
-    *reinterpret_cast<uint4*>(dq + (bh / num_heads) * dq_batch_stride + r * dq_row_stride + (bh % num_heads) * dq_head_stride + c) = packed;
+    const int c = lane_col();
+    if (c >= head_dim) return;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+        const int row_id = pass_row(p);
+        if (row_id >= rows_total) continue;
+        const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
+        const float4* src = reinterpret_cast<const float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
+        const float4 a = src[0], b = src[1];
+        uint4 packed;
+        packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);
+        packed.y = ptx::pack2<elem_t>(a.z * scale, a.w * scale);
+        packed.z = ptx::pack2<elem_t>(b.x * scale, b.y * scale);
+        packed.w = ptx::pack2<elem_t>(b.z * scale, b.w * scale);
+        *reinterpret_cast<uint4*>(dq + (bh / num_heads) * dq_batch_stride + r * dq_row_stride + (bh % num_heads) * dq_head_stride + c) = packed;
+    }
 }

@@ -10,7 +10,7 @@ from . import dropout, plan, tma
 from .forward import INT32_MAX, LOG2E, check_arch, hopper_runs, smem_limit
 from .launch import launch
 
-ROWS_PER_BLOCK = 4  # preprocess and convert_dq: one warp per row, 4 warps per block
+ROWS_PER_BLOCK = 16  # preprocess and convert_dq: 4 warps of 4 rows per block (bwd_passes.cuh)
 
 
 def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None,
@@ -59,7 +59,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     ds_scale = softmax_scale * rp_dropout
     row_blocks = -(-rows // ROWS_PER_BLOCK)
     function, _ = kernels["flash_bwd_preprocess"]
-    launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "5Q6q5if",
+    launch(function, row_blocks, 128, 0, stream, "5Q6q5if",
            out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, *strides(out, dout),
            seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
     shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, scale_log2, ds_scale,
@@ -83,7 +83,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
                seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, ds_scale, *rng)
     else:
         function, _ = kernels["flash_bwd_convert_dq"]
-        launch(function, row_blocks, 32 * ROWS_PER_BLOCK, 0, stream, "2Q3q4if",
+        launch(function, row_blocks, 128, 0, stream, "2Q3q4if",
                dq_accum, dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, rows, ds_scale)
 
 
