@@ -180,3 +180,12 @@ def test_flatten_inlines_each_header_once(tmp_path, monkeypatch):
     assert [flat.count(f'#line 1 "cuda_src/{name}"') for name in ("main.cu", "a.cuh", "b.cuh", "common.cuh")] == [1, 1, 1, 1]
     assert [text for _, _, text in _walk(flat)] == ["#pragma once", "int common;", "int a;", "int b;", "int main_;"]
     assert [(name, lineno) for name, lineno, text in _walk(flat) if text == "int main_;"] == [("main.cu", 4)]
+
+
+def test_row_pass_blocks_match_the_launcher():
+    """The backward's row passes cover kRowsPerBlock rows per block; the launcher sizes their grid
+    with backward.ROWS_PER_BLOCK, and a mismatch would leave rows without D or dQ."""
+    from cuflash.backward import ROWS_PER_BLOCK  # the module, which cuflash.backward (the function) hides
+
+    match = re.search(r"constexpr int kRowsPerBlock = (\d+);", (compile_.SRC_DIR / "bwd_passes.cuh").read_text())
+    assert match is not None and int(match.group(1)) == ROWS_PER_BLOCK
