@@ -1,7 +1,8 @@
 """Backward launcher: picks the variant, allocates D, lse2 and the float32 dQ accumulator (all
-O(seqlen)), and launches preprocess -> dK/dV (+ dQ atomics) -> dQ conversion, or, when
-deterministic, preprocess -> dK/dV -> a separate dQ pass with no atomics. On compute capability
-9.0 the dK/dV kernel of the non-deterministic path is the sm_90a one (d 64 and 128)."""
+O(seqlen); the accumulator zeroed by a memset), and launches preprocess -> dK/dV (+ dQ atomics)
+-> dQ conversion, or, when deterministic, preprocess -> dK/dV -> a separate dQ pass with no
+atomics. On compute capability 9.0 the dK/dV kernel of the non-deterministic path is the sm_90a
+one (d 64 and 128)."""
 import math
 import threading
 
