@@ -9,11 +9,11 @@
 // past seqlen_q) and arrives on a stats mbarrier. Warpgroups 1..Bc/64 consume, 64 keys each; per
 // Q tile:
 //   S^T = K Q_i^T, dP^T = V dO_i^T (wgmma SS) -> P^T, dS^T in registers (softmax_backward.cuh)
-//   dV += P^T dO_i, dK += dS^T Q_i (wgmma RS: P^T, dS^T straight from registers)
-//   dS^T -> shared memory; once every warpgroup's rows are there, dQ_i = dS K (wgmma SS with
-//   both operands k-rows first), a block of it per warpgroup (DqTile, bwd_passes.cuh); then the
-//   slot is released, and the warpgroup's block goes through shared memory to one bulk reduction
-//   (cp.reduce.async.bulk .add.f32) into the float32 accumulator.
+//   dV += P^T dO_i (wgmma RS: P^T straight from registers); dS^T -> shared memory meanwhile
+//   once every warpgroup's dS^T rows are there: dQ_i = dS K (wgmma SS with both operands k-rows
+//   first), a block of it per warpgroup (DqTile, bwd_passes.cuh), then dK += dS^T Q_i (RS)
+//   while dK's GEMM runs, the dQ block goes through shared memory to one bulk reduction
+//   (cp.reduce.async.bulk .add.f32) into the float32 accumulator; then the slot is released.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
 // The warpgroup's one bulk reduction of 16 KB per Q tile replaces 16 red.global.add.v2 per
 // thread, which cost 30-40% of the kernel's time (bench/NOTES.md, v2.4, v2.5).
@@ -150,34 +150,33 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag,
                          tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
 
-        // dV += P^T dO_i, dK += dS^T Q_i; dS^T also goes to shared memory for dQ.
+        // dV += P^T dO_i; dS^T goes to shared memory for dQ while that GEMM runs.
         unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];
         acc_to_a_frags(pt, acc_s);
         acc_to_a_frags(dst, acc_dp);
-        store_acc_swizzled<kBlockN>(sdSti, acc_dp, warp_key0);
-        ptx::fence_proxy_async();
         fence_regs(pt);
         fence_regs(dst);
         ptx::wgmma_fence();
         wg_gemm_rs<kBlockM>(acc_dv[0], pt[0], sdOi);
-        wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
         ptx::wgmma_commit();
+        stmatrix_swizzled<kBlockN>(sdSti, dst, warp_key0);
+        ptx::fence_proxy_async();
 
         // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored and
-        // (thread 0 of each warpgroup waits for it) the last bulk reduction has read sdQ.
+        // (thread 0 of each warpgroup waits for it) the last bulk reduction has read sdQ. dK's
+        // GEMM is issued after it, so that it runs while the dQ block goes out.
         if (tid % 128 == 0) ptx::bulk_wait_read<0>();
         ptx::named_barrier(1, kConsumerThreads);
         float acc_dq[1][kDqN / 8][4];
         ptx::wgmma_fence();  // acc_dq's registers were last read by the previous tile's stores
         wg_gemm_kk<kDqN, kBlockN, kBlockN>(acc_dq[0], sdSti + (dq_row0 / 64) * kBlockN * 64, sK + (dq_col0 / 64) * kBlockN * 64);
         ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
+        wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<1>();
         fence_regs(acc_dq);
-        fence_regs(acc_dk);
         fence_regs(acc_dv);
         fence_regs(pt);
-        fence_regs(dst);
-        ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
 
         const int row_base = dq_row0 + (tid / 32) % 4 * 16;
 #pragma unroll
@@ -194,6 +193,10 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::bulk_reduce_add_f32(gdq + wg * DqTile::kWarpgroupFloats, sdQ_wg, DqTile::kWarpgroupFloats * 4);
             ptx::bulk_commit();
         }
+        ptx::wgmma_wait<0>();
+        fence_regs(acc_dk);
+        fence_regs(dst);
+        ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
     }
     if (tid % 128 == 0) ptx::bulk_wait<0>();
 
@@ -207,8 +210,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             acc_dv[0][dt][e] *= rp_dropout;
         }
     ptx::named_barrier(1, kConsumerThreads);
-    store_acc_swizzled<kBlockN>(sK, acc_dk, warp_key0);
-    store_acc_swizzled<kBlockN>(sV, acc_dv, warp_key0);
+    stmatrix_acc_swizzled<kBlockN>(sK, acc_dk, warp_key0);
+    stmatrix_acc_swizzled<kBlockN>(sV, acc_dv, warp_key0);
     ptx::named_barrier(1, kConsumerThreads);
     store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
                                                    sK, dk_row_stride, seqlen_k - n0, head_dim, tid);

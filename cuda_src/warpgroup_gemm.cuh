@@ -10,7 +10,7 @@
 // 16w..16w+15 in the mma C layout (acc_row/acc_col), so the online softmax is shared with the
 // mma.sync kernels.
 #pragma once
-#include "flash_common.cuh"
+#include "warp_gemm.cuh"
 
 static_assert(HEAD_DIM % 64 == 0, "swizzled tiles are whole 64-column panels");
 typedef unsigned long long desc_t;
@@ -35,32 +35,25 @@ __device__ __forceinline__ int swizzled(int r, int chunk) {
     return (chunk / 8) * ROWS * 64 + r * 64 + ((chunk % 8) ^ (r % 8)) * 8;
 }
 
-// Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.., into a swizzled tile.
-// The 8 rows a store instruction touches sit in 8 different chunks: no bank conflicts.
-template <int ROWS, int DT>
-__device__ __forceinline__ void store_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = row0 + acc_row(0, 2 * hh), c = acc_col(dt, 0);
-            *reinterpret_cast<unsigned*>(s + swizzled<ROWS>(r, c / 8) + c % 8) =
-                ptx::pack2<elem_t>(acc[0][dt][2 * hh], acc[0][dt][2 * hh + 1]);
-        }
-}
-
-// The same, with stmatrix: x4 store j writes n8 tiles 2j and 2j + 1, both row halves (matrix i of
-// it is tile 2j + i / 2, rows 8 (i % 2)..); lane l addresses row l % 8 of matrix l / 8.
-template <int ROWS, int DT>
-__device__ __forceinline__ void stmatrix_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
+// Store one warp's (16, 16 KT) slice of 16-bit values, rows row0.., held as mma A fragments
+// (acc_to_a_frags), into a swizzled tile: x4 stmatrix kk writes the fragment's four 8x8 matrices
+// (matrix i: columns 16 kk + 8 (i / 2).., rows 8 (i % 2)..); lane l addresses row l % 8 of matrix
+// l / 8. The 8 rows of a matrix sit in 8 different chunks: no bank conflicts.
+template <int ROWS, int KT>
+__device__ __forceinline__ void stmatrix_swizzled(elem_t* s, const unsigned (&a)[1][KT][4], int row0) {
     const int lane = threadIdx.x % 32, i = lane / 8;
     const int r = row0 + (i % 2) * 8 + lane % 8;
 #pragma unroll
-    for (int j = 0; j < DT / 2; ++j)
-        ptx::stmatrix_x4(smem_u32(s + swizzled<ROWS>(r, 2 * j + i / 2)),
-                         ptx::pack2<elem_t>(acc[0][2 * j][0], acc[0][2 * j][1]), ptx::pack2<elem_t>(acc[0][2 * j][2], acc[0][2 * j][3]),
-                         ptx::pack2<elem_t>(acc[0][2 * j + 1][0], acc[0][2 * j + 1][1]),
-                         ptx::pack2<elem_t>(acc[0][2 * j + 1][2], acc[0][2 * j + 1][3]));
+    for (int kk = 0; kk < KT; ++kk)
+        ptx::stmatrix_x4(smem_u32(s + swizzled<ROWS>(r, 2 * kk + i / 2)), a[0][kk][0], a[0][kk][1], a[0][kk][2], a[0][kk][3]);
+}
+
+// The same from a float32 accumulator slice, rounded.
+template <int ROWS, int DT>
+__device__ __forceinline__ void stmatrix_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
+    unsigned a[1][DT / 2][4];
+    acc_to_a_frags(a, acc);
+    stmatrix_swizzled<ROWS>(s, a, row0);
 }
 
 // Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.. of a tile at g, straight
