@@ -181,7 +181,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 if (IS_DROPOUT) drop_scores(acc_s, rng, bh, m0 + warp_row0, n0);
             };
             auto release_q = [&]() {         // every S of this tile has been read out of sQ
-                if (tid % 32 == 0) ptx::mbar_arrive(q_ring.empty(q_tiles));
+                q_ring.release_by_warp(q_tiles);
             };
 
             // The wgmma operands written by ordinary instructions (acc_o, p) are pinned before each
@@ -192,7 +192,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::wgmma_fence();
             issue_s(0);
             ptx::wgmma_wait<0>();
-            if (tid % 32 == 0) ptx::mbar_arrive(k_ring.empty(r0));
+            k_ring.release_by_warp(r0);
             if (n_tiles == 1) release_q();
             softmax(0);
             if (kWaitVInSoftmax) v_ring.wait_full(r0);
@@ -206,14 +206,14 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 issue_s(t);
                 issue_pv(t - 1);
                 ptx::wgmma_wait<1>();
-                if (tid % 32 == 0) ptx::mbar_arrive(k_ring.empty(r0 + t));
+                k_ring.release_by_warp(r0 + t);
                 if (t == n_tiles - 1) release_q();
                 softmax(t);
                 if (kWaitVInSoftmax) v_ring.wait_full(r0 + t);
                 ptx::wgmma_wait<0>();
                 fence_regs(acc_o);
                 fence_regs(p);
-                if (tid % 32 == 0) ptx::mbar_arrive(v_ring.empty(r0 + t - 1));
+                v_ring.release_by_warp(r0 + t - 1);
                 rescale_rows(acc_o, alpha);
                 acc_to_a_frags(p, acc_s);
             }
@@ -225,7 +225,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ptx::wgmma_wait<0>();
             fence_regs(acc_o);
             fence_regs(p);
-            if (tid % 32 == 0) ptx::mbar_arrive(v_ring.empty(r0 + n_tiles - 1));
+            v_ring.release_by_warp(r0 + n_tiles - 1);
             ring += n_tiles;
             ++q_tiles;
         }

@@ -139,6 +139,11 @@ struct MbarRing {
     static __device__ __forceinline__ unsigned phase(int i) { return static_cast<unsigned>(i / N) & 1; }
     // Consumer: until position i has landed.
     __device__ __forceinline__ void wait_full(int i) const { mbar_wait(full(i), phase(i)); }
+    // Consumer warp, once done with position i: its lane 0 arrives for it (empty barriers that
+    // count warps).
+    __device__ __forceinline__ void release_by_warp(int i) const {
+        if (threadIdx.x % 32 == 0) mbar_arrive(empty(i));
+    }
     // Producer: until position i - N has been drained from i's slot (at once for the first N).
     __device__ __forceinline__ void wait_empty(int i) const {
         if (i >= N) mbar_wait(empty(i), phase(i) ^ 1);
