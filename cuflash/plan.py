@@ -116,8 +116,10 @@ HOPPER_FWD_TILES = {
     256: HopperFwdTile(128, 64, 2, o_staged=False),  # 193 KB (a staged O would need 257); O is 128 registers
 }
 # With dropout the Philox calls need registers that 3 consumer warpgroups (160 each) lack: d64's
-# (192, 128) tile spills 188 bytes there, (128, 128) none.
-HOPPER_FWD_DROPOUT_TILES = {64: HopperFwdTile(128, 128, 3)}
+# (192, 128) tile spills 188 bytes there, (128, 128) none. With dropout, O stored from registers
+# beats the staged O (fp16, s = 8k, p = 0.1, two paired runs, TFLOP/s staged -> not): d64 178 ->
+# 180, causal 175 -> 181; d128 270 -> 278, causal 272 -> 269..275 (bench/NOTES.md, v2.10).
+HOPPER_FWD_DROPOUT_TILES = {64: HopperFwdTile(128, 128, 3, o_staged=False), 128: HopperFwdTile(128, 128, 2, o_staged=False)}
 HOPPER_HEAD_DIMS = tuple(HOPPER_FWD_TILES)
 HOPPER_WGMMA_N = (64, 128, 256)  # ptx::Wgmma<N> of cuda_src/ptx.cuh: S = Q K^T is Bc wide, O d wide
 HOPPER_SMEM_SLACK = 1024 + 256  # the sm_90a kernels align their tiles to 1 KB, and have < 32 mbarriers
