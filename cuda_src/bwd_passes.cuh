@@ -1,6 +1,8 @@
-// The backward's two row-parallel passes around the dK/dV kernels (mma.sync or wgmma):
-// flash_bwd_preprocess before them, flash_bwd_convert_dq after them (DQ_ATOMIC mode), and the
-// layout of the float32 dQ accumulator between them (which the launcher zeroes).
+// The backward's passes around the dK/dV kernels (mma.sync or wgmma): flash_bwd_preprocess
+// before them; after them (DQ_ATOMIC mode) the conversion of the float32 dQ accumulator, whose
+// layout is defined here (the launcher zeroes it): flash_bwd_convert_dq by rows for the portable
+// kernel, and for the sm_90a one the tile converters (convert_dq_tiles), which run in the dK/dV
+// kernel's own grid and, for the tiles they leave, in flash_bwd_convert_dq_tiles.
 #pragma once
 #include "flash_common.cuh"
 
@@ -24,6 +26,13 @@ struct DqTile {
     static __device__ __forceinline__ int offset(int r, int c) {
         const int wg = c / kCols * kRowBlocks + r / 64, warp = r % 64 / 16, half = r % 16 / 8, nt = c % kCols / 8;
         return (((wg * 4 + warp) * (kCols / 8) + nt) * 2 + half) * 64 + r % 8 * 8 + c % 8;
+    }
+    // Row and first column of chunk q of a tile: its floats 8q .. 8q + 7, which offset() places.
+    static __device__ __forceinline__ void chunk(int q, int& r, int& c) {
+        const int half = q / 8 % 2, nt = q / 16 % (kCols / 8), warp = q / 16 / (kCols / 8) % 4;
+        const int wg = q / 16 / (kCols / 8) / 4;
+        r = wg % kRowBlocks * 64 + warp * 16 + half * 8 + q % 8;
+        c = wg / kRowBlocks * kCols + nt * 8;
     }
 };
 #endif
@@ -92,11 +101,70 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
     }
 }
 
+// scale * 8 floats, packed in the input type.
+__device__ __forceinline__ uint4 pack8_scaled(float4 a, float4 b, float scale) {
+    uint4 packed;
+    packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);
+    packed.y = ptx::pack2<elem_t>(a.z * scale, a.w * scale);
+    packed.z = ptx::pack2<elem_t>(b.x * scale, b.y * scale);
+    packed.w = ptx::pack2<elem_t>(b.z * scale, b.w * scale);
+    return packed;
+}
+
+// Where dQ goes: the caller's array and strides, the scale, and the shape.
+struct DqOut {
+    elem_t* dq;
+    int64 batch_stride, row_stride, head_stride;
+    float scale;
+    int seqlen_q, num_heads, head_dim;
+
+    // dQ[bh][r][c .. c + 7] from the accumulator's 8 floats a, b.
+    __device__ __forceinline__ void store8(int bh, int r, int c, float4 a, float4 b) const {
+        *reinterpret_cast<uint4*>(dq + (bh / num_heads) * batch_stride + r * row_stride + (bh % num_heads) * head_stride + c) =
+            pack8_scaled(a, b, scale);
+    }
+#if DQ_TILED
+    // The same for chunk j of accumulator tile t ((batch * head) t / m_blocks, m block t % m_blocks),
+    // where it lies inside dQ.
+    __device__ __forceinline__ void store_chunk(int t, int j, int m_blocks, float4 a, float4 b) const {
+        int r, c;
+        DqTile::chunk(j, r, c);
+        r += t % m_blocks * BLOCK_M;
+        if (r < seqlen_q && c < head_dim) store8(t / m_blocks, r, c, a, b);
+    }
+#endif
+};
+
+#if DQ_TILED
+// The accumulator's tiles that the dK/dV kernel's converter CTAs left (converted[t] == 0), one per
+// block at a time; each thread has all its loads of a tile in flight before its first store.
+extern "C" __global__ void __launch_bounds__(128)
+flash_bwd_convert_dq_tiles(const float* __restrict__ dq_accum, const int* __restrict__ converted, elem_t* __restrict__ dq,
+                           int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
+                           int seqlen_q, int num_heads, int head_dim, int num_tiles, float scale) {
+    constexpr int kPerThread = DqTile::kFloats / 8 / 128;
+    const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
+    const int m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+        if (converted[t]) continue;
+        const float4* tile = reinterpret_cast<const float4*>(dq_accum + static_cast<int64>(t) * DqTile::kFloats);
+        float4 v[kPerThread][2];
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+            v[k][0] = tile[2 * (threadIdx.x + k * 128)];
+            v[k][1] = tile[2 * (threadIdx.x + k * 128) + 1];
+        }
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) out.store_chunk(t, threadIdx.x + k * 128, m_blocks, v[k][0], v[k][1]);
+    }
+}
+#else
 // dQ = scale * accumulator, in the input type and the caller's strides.
 extern "C" __global__ void __launch_bounds__(128)
 flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
                      int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
                      int seqlen_q, int num_heads, int head_dim, int rows_total, float scale) {
+    const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
     const int c = lane_col();
     if (c >= head_dim) return;
 #pragma unroll
@@ -105,12 +173,7 @@ flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq
         if (row_id >= rows_total) continue;
         const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
         const float4* src = reinterpret_cast<const float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
-        const float4 a = src[0], b = src[1];
-        uint4 packed;
-        packed.x = ptx::pack2<elem_t>(a.x * scale, a.y * scale);
-        packed.y = ptx::pack2<elem_t>(a.z * scale, a.w * scale);
-        packed.z = ptx::pack2<elem_t>(b.x * scale, b.y * scale);
-        packed.w = ptx::pack2<elem_t>(b.z * scale, b.w * scale);
-        *reinterpret_cast<uint4*>(dq + (bh / num_heads) * dq_batch_stride + r * dq_row_stride + (bh % num_heads) * dq_head_stride + c) = packed;
+        out.store8(bh, r, c, src[0], src[1]);
     }
 }
+#endif

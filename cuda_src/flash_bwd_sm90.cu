@@ -17,6 +17,14 @@
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
 // The warpgroup's one bulk reduction of 16 KB per Q tile replaces 16 red.global.add.v2 per
 // thread, which cost 30-40% of the kernel's time (bench/NOTES.md, v2.4, v2.5).
+//
+// The grid's last num_converters CTAs convert dQ (convert_dq_of_done_heads): the block
+// scheduler reaches them once every dK/dV CTA has an SM, i.e. in the grid's last wave, whose
+// idle SMs they fill, converting the tiles of the heads already done while the last dK/dV CTAs
+// run. Each dK/dV CTA counts itself on its kv head's `done` counter once its reductions have
+// landed. A converter waits for nothing: flash_bwd_convert_dq_tiles, after the kernel, converts
+// the tiles of the heads that were not done yet (spinning converters would also take power from
+// the dK/dV CTAs, which run at the GPU's power limit).
 #include "softmax_backward.cuh"
 #include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
@@ -41,20 +49,100 @@ constexpr int kConsumerRegs = 240;
 static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
               "two consumer warpgroups; dQ blocks of whole 64-row, 64-column panels");
 constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
+// Shared memory of a dK/dV CTA before its mbarriers (cuflash/plan.py: backward_smem_bytes).
+constexpr unsigned kSmemTiles = kKVBytes + kStages * kQdOBytes + 2 * kBlockN * kBlockM * 2 + DqTile::kFloats * 4 +
+                                kStages * 2 * kBlockM * 4;
+constexpr int kConvSlots = 5;   // dQ tiles (32 KB) in flight per converter CTA
+constexpr int kConvGroup = 8;   // consecutive dQ tiles per converter turn: mostly one kv head
+static_assert(kConvSlots * (DqTile::kFloats * 4 + 8 + 16) <= kSmemTiles, "a converter's ring fits a dK/dV CTA's tiles");
+
+// Per (batch, kv head) its dK/dV CTAs whose dQ reductions have all landed, then a flag per dQ
+// tile, set by the converter CTA that converts it; zeroed by the launcher with the accumulator.
+struct DqSync {
+    int* done;
+    int* converted;
+};
+
+// Converter CTA `converter` of num_converters: the dQ tiles of turns converter + k *
+// num_converters (kConvGroup tiles each) whose kv heads are done. Thread 0 copies them into a
+// ring of kConvSlots slots; warpgroups 1 and 2 convert them into dQ.
+__device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, const float* dq_accum, const DqSync& sync,
+                                                         const DqOut& out, int converter, int num_converters,
+                                                         int num_n_blocks, int num_heads_k, int num_tiles) {
+    float* slots = reinterpret_cast<float*>(smem);
+    int* slot_tile = reinterpret_cast<int*>(slots + kConvSlots * DqTile::kFloats);
+    const unsigned bar0 = smem_u32(slot_tile + 2 * kConvSlots);
+    const ptx::MbarRing<kConvSlots> ring{bar0, bar0 + 8 * kConvSlots};
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kConvSlots; ++s) {
+            ptx::mbar_init(ring.full(s), 1);
+            ptx::mbar_init(ring.empty(s), kConsumerThreads / 32);
+        }
+        ptx::fence_mbar_init();
+    }
+    __syncthreads();
+    const int m_blocks = (out.seqlen_q + kBlockM - 1) / kBlockM, group = out.num_heads / num_heads_k;
+    constexpr unsigned kTileBytes = DqTile::kFloats * 4;
+    if (threadIdx.x == 0) {
+        int k = 0;
+        for (int turn = converter, kv_seen = -1, kv_done = 0; turn * kConvGroup < num_tiles; turn += num_converters)
+            for (int t = turn * kConvGroup; t < min(num_tiles, (turn + 1) * kConvGroup); ++t) {
+                const int bh = t / m_blocks, kv = bh / out.num_heads * num_heads_k + bh % out.num_heads / group;
+                if (kv != kv_seen) {
+                    kv_seen = kv;
+                    kv_done = ptx::ld_acquire(sync.done + kv) == num_n_blocks;
+                }
+                if (!kv_done) continue;
+                sync.converted[t] = 1;
+                ring.wait_empty(k);
+                slot_tile[k % kConvSlots] = t;
+                ptx::mbar_arrive_expect_tx(ring.full(k), kTileBytes);
+                ptx::bulk_load(smem_u32(slots + k % kConvSlots * DqTile::kFloats), dq_accum + static_cast<int64>(t) * DqTile::kFloats,
+                               kTileBytes, ring.full(k));
+                ++k;
+            }
+        ring.wait_empty(k);
+        slot_tile[k % kConvSlots] = -1;
+        ptx::mbar_arrive(ring.full(k));
+    } else if (threadIdx.x >= 128) {
+        for (int k = 0;; ++k) {
+            ring.wait_full(k);
+            const int t = slot_tile[k % kConvSlots];
+            if (t < 0) return;
+            const float* tile = slots + k % kConvSlots * DqTile::kFloats;
+            for (int j = threadIdx.x - 128; j < DqTile::kFloats / 8; j += kConsumerThreads)
+                out.store_chunk(t, j, m_blocks, *reinterpret_cast<const float4*>(tile + 8 * j),
+                                *reinterpret_cast<const float4*>(tile + 8 * j + 4));
+            ring.release_by_warp(k);
+        }
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
                     const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
                     elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum,
+                    elem_t* __restrict__ dq, int* __restrict__ dq_sync,
                     const float* __restrict__ lse2, const float* __restrict__ dsum,
                     int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
                     int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
+                    int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride, int num_converters,
                     int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
                     int num_n_blocks, float scale_log2, float scale,
                     unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned misalign = smem_u32(smem_raw) % 1024;
-    elem_t* sK = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Bc, d), later dK
+    unsigned char* smem = smem_raw + (misalign ? 1024 - misalign : 0);
+    const int num_dkdv_ctas = gridDim.x - num_converters;
+    const DqSync sync{dq_sync, dq_sync + num_dkdv_ctas / num_n_blocks};
+    if (blockIdx.x >= num_dkdv_ctas) {
+        const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
+        const int num_tiles = num_dkdv_ctas / num_n_blocks / num_heads_k * num_heads * ((seqlen_q + kBlockM - 1) / kBlockM);
+        convert_dq_of_done_heads(smem, dq_accum, sync, out, blockIdx.x - num_dkdv_ctas, num_converters, num_n_blocks,
+                                 num_heads_k, num_tiles);
+        return;
+    }
+    elem_t* sK = reinterpret_cast<elem_t*>(smem);         // (Bc, d), later dK
     elem_t* sV = sK + kBlockN * HEAD_DIM;                 // (Bc, d), later dV
     elem_t* sQ = sV + kBlockN * HEAD_DIM;                 // kStages x (Br, d)
     elem_t* sdO = sQ + kStages * kBlockM * HEAD_DIM;      // kStages x (Br, d)
@@ -66,11 +154,13 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     // stats warp) on stats_ring's; the two rings share their empty barriers.
     const ptx::MbarRing<kStages> q_ring{bar_kv + 8, bar_kv + 8 * (1 + 2 * kStages)};
     const ptx::MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
+    const unsigned bar_landed = bar_kv + 8 * (1 + 3 * kStages);  // each consumer warpgroup's dQ reductions
 
     const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
     const int diag = seqlen_k - seqlen_q;
 
+    const int kv_head = blockIdx.x / num_n_blocks;
     if (threadIdx.x == 0) {
         ptx::mbar_init(bar_kv, 1);
         for (int s = 0; s < kStages; ++s) {
@@ -78,16 +168,19 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::mbar_init(stats_ring.full(s), 32);
             ptx::mbar_init(q_ring.empty(s), kConsumerThreads);
         }
+        ptx::mbar_init(bar_landed, kConsumers);
         ptx::fence_mbar_init();
     }
     __syncthreads();
 
     if (threadIdx.x < 128) {  // producer warpgroup
         ptx::setmaxnreg_dec<kProducerRegs>();
-        if (threadIdx.x == 0 && n_iters > 0) {
-            ptx::mbar_arrive_expect_tx(bar_kv, kKVBytes);
-            tma_load_tile<kBlockN>(sK, tma_k, n0, head_k, batch, bar_kv);
-            tma_load_tile<kBlockN>(sV, tma_v, n0, head_k, batch, bar_kv);
+        if (threadIdx.x == 0) {
+            if (n_iters > 0) {
+                ptx::mbar_arrive_expect_tx(bar_kv, kKVBytes);
+                tma_load_tile<kBlockN>(sK, tma_k, n0, head_k, batch, bar_kv);
+                tma_load_tile<kBlockN>(sV, tma_v, n0, head_k, batch, bar_kv);
+            }
             for (int i = 0; i < n_iters; ++i) {
                 q_ring.wait_empty(i);
                 elem_t* slot_q = sQ + (i % kStages) * kBlockM * HEAD_DIM;
@@ -97,6 +190,9 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 tma_load_tile<kBlockM>(slot_q, tma_q, m0, head, batch, q_ring.full(i));
                 tma_load_tile<kBlockM>(slot_do, tma_do, m0, head, batch, q_ring.full(i));
             }
+            // The converter CTAs' signal, given here so that its fence delays no consumer.
+            ptx::mbar_wait(bar_landed, 0);
+            ptx::red_release_add(sync.done + kv_head, 1);
         } else if (threadIdx.x / 32 == 1) {
             const int lane = threadIdx.x % 32;
             for (int i = 0; i < n_iters; ++i) {
@@ -198,7 +294,11 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         fence_regs(dst);
         ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
     }
-    if (tid % 128 == 0) ptx::bulk_wait<0>();
+    if (tid % 128 == 0) {
+        ptx::bulk_wait<0>();
+        ptx::fence_proxy_async_global();
+        ptx::mbar_arrive(bar_landed);
+    }
 
     // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
     // reads them.

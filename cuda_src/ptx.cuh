@@ -190,6 +190,26 @@ __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.w
 template <int N>
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(N) : "memory"); }
 
+// Copy `bytes` (a multiple of 16) from global to shared memory, both 16-byte aligned, completing on mbarrier `bar`.
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* gmem, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(gmem), "r"(bytes), "r"(bar) : "memory");
+}
+
+// Order this thread's completed bulk (async-proxy) writes to global memory before its later generic accesses.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+
+// A counter shared by the CTAs of a grid: add after everything this thread has seen (release),
+// and read before what follows (acquire).
+__device__ __forceinline__ void red_release_add(int* counter, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" :: "l"(counter), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_acquire(const int* counter) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
+    return v;
+}
+
 // Set this warpgroup's register count (all warps of the warpgroup execute it).
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }

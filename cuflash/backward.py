@@ -2,16 +2,18 @@
 O(seqlen); the accumulator zeroed by a memset), and launches preprocess -> dK/dV (+ dQ atomics)
 -> dQ conversion, or, when deterministic, preprocess -> dK/dV -> a separate dQ pass with no
 atomics. On compute capability 9.0 the dK/dV kernel of the non-deterministic path is the sm_90a
-one (d 64 and 128)."""
+one (d 64 and 128); one CTA per SM more in its grid converts dQ tiles as their heads finish,
+and a last pass converts the tiles those CTAs left."""
 import math
 import threading
 
 from . import compile as compile_
 from . import dropout, plan, tma
-from .forward import INT32_MAX, LOG2E, check_arch, hopper_runs, smem_limit
+from .forward import INT32_MAX, LOG2E, check_arch, hopper_runs, sm_count, smem_limit
 from .launch import launch
 
 ROWS_PER_BLOCK = 16  # preprocess and convert_dq: 4 warps of 4 rows per block (bwd_passes.cuh)
+CONVERT_TILES_PER_BLOCK = 8  # flash_bwd_convert_dq_tiles: dQ tiles (converted or not) per block
 
 
 def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None,
@@ -36,7 +38,10 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     rows = batch * nheads * seqlen_q
     n_blocks = -(-seqlen_k // variant.tile.block_n)
     m_blocks = -(-seqlen_q // variant.tile.block_m)
-    if max(rows, batch * nheads * m_blocks, batch * nheads_k * n_blocks) > INT32_MAX:
+    hopper = plan.is_hopper(variant)
+    num_tiles = batch * nheads * m_blocks
+    converters = min(sm_count(device_id), num_tiles) if hopper else 0
+    if max(rows, num_tiles, batch * nheads_k * n_blocks + converters) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {rows} query rows")
     # lse2 and D rows are padded to 4 floats so that each (batch, head) row is 16-byte aligned.
     # `keep` holds the buffers until the kernels are queued; the allocators reuse memory in
@@ -44,12 +49,14 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     seqlen_q_pad = -(-seqlen_q // 4) * 4
     keep = [empty((batch, nheads, seqlen_q_pad), "float32") for _ in range(2)]
     lse2, dsum = (info.data_ptr for _, info in keep)
-    dq_accum = 0
+    dq_accum = dq_sync = 0
     if not deterministic:
-        shape = plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim)
-        keep.append(empty(shape, "float32"))
+        floats = math.prod(plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim))
+        words = plan.dq_sync_words(variant, batch, nheads, nheads_k, seqlen_q)
+        keep.append(empty((floats + words,), "float32"))
         dq_accum = keep[-1][1].data_ptr
-        cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * math.prod(shape), stream)
+        dq_sync = dq_accum + 4 * floats
+        cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * (floats + words), stream)
 
     def strides(*arrays):
         return [a.strides[axis] for a in arrays for axis in (0, 1, 2)]
@@ -65,13 +72,14 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
            seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
     shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, scale_log2, ds_scale,
                   *rng, rp_dropout)
-    if plan.is_hopper(variant):
+    if hopper:
         function, smem = kernels["flash_bwd_dkdv_sm90"]
         tile = variant.tile
         maps = (tma.tensor_map(q, tile.block_m), tma.tensor_map(k, tile.block_n), tma.tensor_map(v, tile.block_n),
                 tma.tensor_map(dout, tile.block_m))
-        launch(function, batch * nheads_k * n_blocks, tile.threads, smem, stream, "128s128s128s128s5Q6q7i2f4If",
-               *maps, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum, *strides(dk, dv), *shape_args)
+        launch(function, batch * nheads_k * n_blocks + converters, tile.threads, smem, stream,
+               "128s128s128s128s7Q9qi7i2f4If", *maps, dk.data_ptr, dv.data_ptr, dq_accum, dq.data_ptr, dq_sync, lse2,
+               dsum, *strides(dk, dv, dq), converters, *shape_args)
     else:
         function, smem = kernels["flash_bwd_dkdv"]
         launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
@@ -82,6 +90,10 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
         launch(function, batch * nheads * m_blocks, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",
                q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dq.data_ptr, lse2, dsum, *strides(q, k, v, dout, dq),
                seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, ds_scale, *rng)
+    elif hopper:
+        function, _ = kernels["flash_bwd_convert_dq_tiles"]
+        launch(function, -(-num_tiles // CONVERT_TILES_PER_BLOCK), 128, 0, stream, "3Q3q4if", dq_accum, dq_sync + 4 * plan.dq_sync_counters(batch, nheads_k),
+               dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, num_tiles, ds_scale)
     else:
         function, _ = kernels["flash_bwd_convert_dq"]
         launch(function, row_blocks, 128, 0, stream, "2Q3q4if",

@@ -96,7 +96,7 @@ def backward_program(variant):
     kernel of its family, and the deterministic dQ kernel of the portable one."""
     tile = variant.tile
     if plan.is_hopper(variant):
-        names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq")
+        names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq_tiles")
         source, options, names = _program("flash_bwd_sm90.cu", variant, names, STAGES=tile.stages, DQ_ATOMIC=1,
                                            DQ_TILED=1)
         return source, options + (HOPPER_ARCH_OPTION,), names

@@ -359,6 +359,19 @@ def dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim):
     return (batch, nheads, seqlen_q, head_dim)
 
 
+def dq_sync_counters(batch, nheads_k):
+    """The sm_90a backward's counters of finished dK/dV CTAs, one per (batch, kv head)."""
+    return batch * nheads_k
+
+
+def dq_sync_words(variant, batch, nheads, nheads_k, seqlen_q):
+    """int32 words after the dQ accumulator, zeroed with it: for the sm_90a backward its counters,
+    then a flag per dQ tile (DqSync in cuda_src/flash_bwd_sm90.cu); none for the portable one."""
+    if not is_hopper(variant):
+        return 0
+    return dq_sync_counters(batch, nheads_k) + batch * nheads * num_m_blocks(seqlen_q, variant.tile)
+
+
 def backward_dq_smem_bytes(head_dim, tile):
     """flash_bwd_dq: Q and dO, and a 2-stage ring of K and V tiles."""
     return (2 * tile.block_m + 4 * tile.dq_block_n) * (head_dim + 8) * 2

@@ -1,5 +1,7 @@
 """GPU: the backward (dq, dk, dv) against float64 gradients with the 2x rule, every variant the
 dispatcher can pick, fuzzed shapes, GQA, strided views, deterministic mode."""
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -65,6 +67,18 @@ def test_backward_edge_shapes(shape, causal, head_dim, path):
     batch, seqlen_q, seqlen_k = shape
     with forward_path(path):
         check_backward(*qkv(batch, seqlen_q, seqlen_k, 16, 2, head_dim, "bfloat16", seed=seqlen_q), causal)
+
+
+@pytest.mark.parametrize("converters", [0, 1, 3])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dq_converter_ctas(converters, head_dim, causal, monkeypatch):
+    """The sm_90a backward's CTAs that convert dQ tiles as their heads finish: none (the last pass
+    converts every tile), or one or three, each walking many tiles of several GQA groups."""
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU")
+    monkeypatch.setattr(sys.modules["cuflash.backward"], "sm_count", lambda device_id: converters)
+    check_backward(*qkv(2, 517, 389, 6, 2, head_dim, "bfloat16", seed=converters), causal)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

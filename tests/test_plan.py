@@ -307,6 +307,9 @@ def test_dq_accum_shape(head_dim, seqlen_q):
     assert plan.dq_accum_shape(hopper, 2, 3, seqlen_q, head_dim) == (2, 3, -(-seqlen_q // block_m) * block_m,
                                                                       hopper.head_dim)
     assert plan.dq_accum_shape(portable, 2, 3, seqlen_q, head_dim) == (2, 3, seqlen_q, head_dim)
+    # After the sm_90a accumulator: a finished-CTA counter per (batch, kv head), a flag per tile.
+    assert plan.dq_sync_words(hopper, 2, 6, 3, seqlen_q) == 2 * 3 + 2 * 6 * -(-seqlen_q // block_m)
+    assert plan.dq_sync_words(portable, 2, 6, 3, seqlen_q) == 0
 
 
 def test_hopper_backward_tile_refuses_deterministic():
