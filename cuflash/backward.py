@@ -40,7 +40,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     m_blocks = -(-seqlen_q // variant.tile.block_m)
     hopper = plan.is_hopper(variant)
     num_tiles = batch * nheads * m_blocks
-    converters = min(sm_count(device_id), num_tiles) if hopper else 0
+    converters = plan.dq_converters(batch * nheads_k * n_blocks, num_tiles, sm_count(device_id)) if hopper else 0
     if max(rows, num_tiles, batch * nheads_k * n_blocks + converters) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {rows} query rows")
     # lse2 and D rows are padded to 4 floats so that each (batch, head) row is 16-byte aligned.

@@ -359,6 +359,13 @@ def dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim):
     return (batch, nheads, seqlen_q, head_dim)
 
 
+def dq_converters(dkdv_ctas, num_tiles, sms):
+    """Converter CTAs appended to the sm_90a dK/dV grid (cuda_src/flash_bwd_sm90.cu): one per SM,
+    at most one per dQ tile, and none when the dK/dV CTAs fit one wave, where the converters
+    would start beside them and find no head done."""
+    return min(sms, num_tiles) if dkdv_ctas > sms else 0
+
+
 def dq_sync_counters(batch, nheads_k):
     """The sm_90a backward's counters of finished dK/dV CTAs, one per (batch, kv head)."""
     return batch * nheads_k

@@ -312,6 +312,16 @@ def test_dq_accum_shape(head_dim, seqlen_q):
     assert plan.dq_sync_words(portable, 2, 6, 3, seqlen_q) == 0
 
 
+def test_dq_converters():
+    """One converter CTA per SM after the dK/dV CTAs, never more than the dQ tiles, and none
+    when the dK/dV CTAs fit one wave."""
+    assert plan.dq_converters(2048, 4096, 132) == 132
+    assert plan.dq_converters(133, 40, 132) == 40
+    assert plan.dq_converters(132, 4096, 132) == 0
+    assert plan.dq_converters(16, 108, 3) == 3
+    assert plan.dq_converters(16, 108, 0) == 0
+
+
 def test_hopper_backward_tile_refuses_deterministic():
     with pytest.raises(ValueError, match="deterministic"):
         plan.backward_variant("float16", 128, False, True, tile=HopperBwdTile(64))
