@@ -1,8 +1,8 @@
 // The backward's passes around the dK/dV kernels (mma.sync or wgmma): flash_bwd_preprocess
 // before them; after them (DQ_ATOMIC mode) the conversion of the float32 dQ accumulator, whose
 // layout is defined here (the launcher zeroes it): flash_bwd_convert_dq by rows for the portable
-// kernel, and for the sm_90a one the tile converters (convert_dq_tiles), which run in the dK/dV
-// kernel's own grid and, for the tiles they leave, in flash_bwd_convert_dq_tiles.
+// kernel; for the sm_90a one, converter CTAs in the dK/dV kernel's own grid
+// (flash_bwd_sm90.cu) and, for the tiles they leave, flash_bwd_convert_dq_tiles.
 #pragma once
 #include "flash_common.cuh"
 

@@ -2,8 +2,8 @@
 O(seqlen); the accumulator zeroed by a memset), and launches preprocess -> dK/dV (+ dQ atomics)
 -> dQ conversion, or, when deterministic, preprocess -> dK/dV -> a separate dQ pass with no
 atomics. On compute capability 9.0 the dK/dV kernel of the non-deterministic path is the sm_90a
-one (d 64 and 128); one CTA per SM more in its grid converts dQ tiles as their heads finish,
-and a last pass converts the tiles those CTAs left."""
+one (d 64 and 128); when its grid is more than one wave, one CTA per SM more in it converts the
+dQ tiles of the heads already done, and a last pass converts the tiles those CTAs left."""
 import math
 import threading
 
@@ -92,7 +92,8 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
                seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, ds_scale, *rng)
     elif hopper:
         function, _ = kernels["flash_bwd_convert_dq_tiles"]
-        launch(function, -(-num_tiles // CONVERT_TILES_PER_BLOCK), 128, 0, stream, "3Q3q4if", dq_accum, dq_sync + 4 * plan.dq_sync_counters(batch, nheads_k),
+        converted = dq_sync + 4 * plan.dq_sync_counters(batch, nheads_k)
+        launch(function, -(-num_tiles // CONVERT_TILES_PER_BLOCK), 128, 0, stream, "3Q3q4if", dq_accum, converted,
                dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, num_tiles, ds_scale)
     else:
         function, _ = kernels["flash_bwd_convert_dq"]
