@@ -46,6 +46,7 @@ constexpr int kDT = HEAD_DIM / 8;
 constexpr int kDqN = DqTile::kCols;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
+constexpr int kInStep = IS_CAUSAL ? 1 : 2;  // CTAs that walk their Q tiles in step (KvBlockWork's pair)
 static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
               "two consumer warpgroups; dQ blocks of whole 64-row, 64-column panels");
 constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
@@ -156,7 +157,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const ptx::MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
     const unsigned bar_landed = bar_kv + 8 * (1 + 3 * kStages);  // each consumer warpgroup's dQ reductions
 
-    const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
+    const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN,
+                           kInStep);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
     const int diag = seqlen_k - seqlen_q;
 

@@ -83,15 +83,17 @@ __device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, cons
 // The work of the backward's dK/dV CTA number `block`: Bc = block_n keys (from n0) of one
 // (batch, kv head), seen by every query head of its group and, under causal, by the Q tiles of
 // block_m rows from m_block_min on: n_iters (query head, Q tile) pairs. The CTAs of one kv head
-// begin n_block pairs apart and wrap around, so that at any time they add their dQ tiles into
-// different rows of the float32 accumulator rather than all into the first Q tile's. (Measured
-// on the sm_90a kernel: no change; the dQ additions cost 30-40% of its time through their
-// number, not through contention on the same addresses; see bench/NOTES.md, v2.4.)
+// begin apart and wrap around, so that at any time they add their dQ tiles into different rows
+// of the float32 accumulator rather than all into the first Q tile's: CTA n_block begins at
+// iteration n_block, or, in groups of `pair` CTAs, at its group's first n_block. Groups of two
+// walk the same Q tiles in step, which on the sm_90a kernel without causal runs 1% (d128) to 4%
+// (d64) faster than every CTA a tile apart (bench/NOTES.md, v2.14; v2.4 found the spreading
+// itself worth nothing).
 struct KvBlockWork {
-    int batch, head_k, n_block, n0, group, m_block_min, m_blocks, n_iters;
+    int batch, head_k, n_block, n0, group, m_block_min, m_blocks, n_iters, rotation;
 
     __device__ __forceinline__ KvBlockWork(int block, int num_n_blocks, int num_heads, int num_heads_k, int seqlen_q,
-                                           int seqlen_k, int block_m, int block_n) {
+                                           int seqlen_k, int block_m, int block_n, int pair = 1) {
         const int bhk = block / num_n_blocks;
         n_block = block % num_n_blocks;
         batch = bhk / num_heads_k;
@@ -102,8 +104,9 @@ struct KvBlockWork {
         m_block_min = IS_CAUSAL ? max(0, n0 - (seqlen_k - seqlen_q)) / block_m : 0;
         m_blocks = max(0, (seqlen_q + block_m - 1) / block_m - m_block_min);
         n_iters = group * m_blocks;
+        rotation = n_block / pair * pair;
     }
     // Query head and Q tile of iteration i < n_iters.
-    __device__ __forceinline__ int head(int i) const { return head_k * group + (i + n_block) % n_iters / m_blocks; }
-    __device__ __forceinline__ int m_block(int i) const { return m_block_min + (i + n_block) % n_iters % m_blocks; }
+    __device__ __forceinline__ int head(int i) const { return head_k * group + (i + rotation) % n_iters / m_blocks; }
+    __device__ __forceinline__ int m_block(int i) const { return m_block_min + (i + rotation) % n_iters % m_blocks; }
 };
