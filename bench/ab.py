@@ -3,17 +3,19 @@ cuDNN backend, on the same tensors in one process.
 
     python bench/ab.py HEAD~1                    # backward, bf16, d 64 128, causal and not, s 2k 4k 16k
     python bench/ab.py main HEAD~3 --pass fwd --dtype fp16 --seqlen 2048 16384 --causal
-    python bench/ab.py HEAD~1 --rounds 5
+    python bench/ab.py HEAD~1 --rounds 100
 
 Two bench.py runs minutes apart differ by up to 5-10% for one kernel (bench/NOTES.md, "Measuring
-small differences"). Here every build runs on the same tensors in alternating rounds, so clock
-and thermal drift reach them alike; differences under ~3% are still noise. Each revision's
+small differences"). Here every build runs on the same tensors, call by call in rotated order
+(bench.interleaved_ms, CUDA events, L2 flushed before each call), so clock and power drift reach
+them alike: two builds of one kernel agree within ~0.5%. Timed this way, each build runs in the
+power state that the mix of builds sets; cuDNN's d128 backward, which bench.py times back to back
+under the H100's 700 W limit, gains ~4% on cuflash here (bench/NOTES.md, v2.14). Each revision's
 cuflash/ and cuda_src/ are extracted with `git archive` into a temporary folder as a package
 cuflash_<i> (cuflash's imports are relative, and compile.SRC_DIR finds cuda_src inside the
-package), so the builds load side by side. A measurement is bench.median_ms (CUDA events, L2
-flushed); a build's figure is its median over the rounds. The last line gives geomeans over the
-rows: of every build over cuDNN, and of this checkout over each revision. Shapes as bench.py's:
-batch * seqlen = 16384, hidden = 2048.
+package), so the builds load side by side. A build's figure is its median over the rounds. The
+last line gives geomeans over the rows: of every build over cuDNN, and of this checkout over
+each revision. Shapes as bench.py's: batch * seqlen = 16384, hidden = 2048.
 """
 import argparse
 import importlib
@@ -71,7 +73,6 @@ def run(args):
     import torch
 
     flush = bench.l2_flusher()
-    budget = bench.RUN_BUDGET_MS
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         builds = {"this": bench.cuflash}
@@ -89,12 +90,9 @@ def run(args):
                         fns["cuDNN"] = make_cudnn(q, k, v, dout, causal, args.pass_)
                         reference = fns["cuDNN"]()
                         diffs = {name: rel_diff(fn(), reference) for name, fn in fns.items() if name != "cuDNN"}
-                        times = {name: [] for name in fns}
-                        for _ in range(args.rounds):
-                            for name, fn in fns.items():
-                                times[name].append(bench.median_ms(fn, flush, budget))
+                        ms = bench.interleaved_ms(fns, flush, args.rounds)
                         flops = bench.attention_flops(batch, nheads, seqlen, seqlen, head_dim, causal, args.pass_)
-                        row = {name: bench.tflops(flops, statistics.median(ms)) for name, ms in times.items()}
+                        row = {name: bench.tflops(flops, ms[name]) for name in fns}
                         rows.append(row)
                         case = f"{args.pass_} {dtype} d{head_dim} {'causal' if causal else 'full  '} s={seqlen:<6d}"
                         figures = "  ".join(f"{name} {tf:6.1f}" for name, tf in row.items())
@@ -124,7 +122,8 @@ def parse_args(argv=None):
     causal.add_argument("--causal", dest="causal", action="store_const", const=(True,), default=(False, True),
                         help="causal only")
     causal.add_argument("--no-causal", dest="causal", action="store_const", const=(False,), help="non-causal only")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (default 3)")
+    parser.add_argument("--rounds", type=int, default=40,
+                        help="rounds per row, each timing every build once (default 40)")
     args = parser.parse_args(argv)
     bench.check_shape_args(parser, args.seqlen, args.hdim)
     if args.rounds < 1:

@@ -320,6 +320,32 @@ def median_ms(fn, flush, budget_ms):
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def interleaved_ms(fns, flush, rounds):
+    """{name: median GPU time in ms} of several callables timed call by call: each round runs every
+    fn once (the order rotated by one place per round), each after an L2 flush and between its
+    own pair of CUDA events, and the host waits only at the end, so no launch gap falls inside a
+    measurement. Clock and power drift then reach every fn alike: two builds of one kernel agree
+    within ~0.5%, where back-to-back medians (median_ms) drift by up to 5% between them in one
+    process (bench/NOTES.md, v2.14)."""
+    import torch
+
+    names = list(fns)
+    for name in names:
+        for _ in range(WARMUP_RUNS):
+            fns[name]()
+    events = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush()
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(start.elapsed_time(end) for start, end in pairs) for name, pairs in events.items()}
+
+
 def measure(make, flops, flush, budget_ms):
     """{"ms", "tflops"}, {"skip": why} or {"error": message} for the callable make() builds."""
     try:
