@@ -21,6 +21,8 @@ struct DqTile {
     static constexpr int kFloats = BLOCK_M * HEAD_DIM, kWarpgroupFloats = 64 * kCols;
     static_assert(kWarpgroups % kRowBlocks == 0 && kCols % 8 == 0, "warpgroups own whole 64-row blocks");
 
+    // Tiles per (batch, head): the last one's rows past seqlen_q are scratch.
+    static __device__ __forceinline__ int m_blocks(int seqlen_q) { return (seqlen_q + BLOCK_M - 1) / BLOCK_M; }
     static __device__ __forceinline__ int row0(int wg) { return wg % kRowBlocks * 64; }
     static __device__ __forceinline__ int col0(int wg) { return wg / kRowBlocks * kCols; }
     static __device__ __forceinline__ int offset(int r, int c) {
@@ -42,8 +44,7 @@ struct DqTile {
 // past seqlen_q and head_dim are scratch, never read), else (seqlen_q, head_dim) row-major.
 __device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqlen_q, int head_dim) {
 #if DQ_TILED
-    const int m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
-    return (static_cast<int64>(bh) * m_blocks + r / BLOCK_M) * DqTile::kFloats + DqTile::offset(r % BLOCK_M, c);
+    return (static_cast<int64>(bh) * DqTile::m_blocks(seqlen_q) + r / BLOCK_M) * DqTile::kFloats + DqTile::offset(r % BLOCK_M, c);
 #else
     return (static_cast<int64>(bh) * seqlen_q + r) * head_dim + c;
 #endif
@@ -144,7 +145,7 @@ flash_bwd_convert_dq_tiles(const float* __restrict__ dq_accum, const int* __rest
                            int seqlen_q, int num_heads, int head_dim, int num_tiles, float scale) {
     constexpr int kPerThread = DqTile::kFloats / 8 / 128;
     const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
-    const int m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int m_blocks = DqTile::m_blocks(seqlen_q);
     for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
         if (converted[t]) continue;
         const float4* tile = reinterpret_cast<const float4*>(dq_accum + static_cast<int64>(t) * DqTile::kFloats);

@@ -82,7 +82,7 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
         ptx::fence_mbar_init();
     }
     __syncthreads();
-    const int m_blocks = (out.seqlen_q + kBlockM - 1) / kBlockM, group = out.num_heads / num_heads_k;
+    const int m_blocks = DqTile::m_blocks(out.seqlen_q), group = out.num_heads / num_heads_k;
     constexpr unsigned kTileBytes = DqTile::kFloats * 4;
     if (threadIdx.x == 0) {
         int k = 0;
@@ -138,7 +138,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const DqSync sync{dq_sync, dq_sync + num_dkdv_ctas / num_n_blocks};
     if (blockIdx.x >= num_dkdv_ctas) {
         const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
-        const int num_tiles = num_dkdv_ctas / num_n_blocks / num_heads_k * num_heads * ((seqlen_q + kBlockM - 1) / kBlockM);
+        const int num_tiles = num_dkdv_ctas / num_n_blocks / num_heads_k * num_heads * DqTile::m_blocks(seqlen_q);
         convert_dq_of_done_heads(smem, dq_accum, sync, out, blockIdx.x - num_dkdv_ctas, num_converters, num_n_blocks,
                                  num_heads_k, num_tiles);
         return;

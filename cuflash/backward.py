@@ -39,9 +39,9 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     n_blocks = -(-seqlen_k // variant.tile.block_n)
     m_blocks = -(-seqlen_q // variant.tile.block_m)
     hopper = plan.is_hopper(variant)
-    num_tiles = batch * nheads * m_blocks
-    converters = plan.dq_converters(batch * nheads_k * n_blocks, num_tiles, sm_count(device_id)) if hopper else 0
-    if max(rows, num_tiles, batch * nheads_k * n_blocks + converters) > INT32_MAX:
+    num_tiles, dkdv_ctas = batch * nheads * m_blocks, batch * nheads_k * n_blocks
+    converters = plan.dq_converters(dkdv_ctas, num_tiles, sm_count(device_id)) if hopper else 0
+    if max(rows, num_tiles, dkdv_ctas + converters) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {rows} query rows")
     # lse2 and D rows are padded to 4 floats so that each (batch, head) row is 16-byte aligned.
     # `keep` holds the buffers until the kernels are queued; the allocators reuse memory in
@@ -77,17 +77,17 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
         tile = variant.tile
         maps = (tma.tensor_map(q, tile.block_m), tma.tensor_map(k, tile.block_n), tma.tensor_map(v, tile.block_n),
                 tma.tensor_map(dout, tile.block_m))
-        launch(function, batch * nheads_k * n_blocks + converters, tile.threads, smem, stream,
+        launch(function, dkdv_ctas + converters, tile.threads, smem, stream,
                "128s128s128s128s7Q9qi7i2f4If", *maps, dk.data_ptr, dv.data_ptr, dq_accum, dq.data_ptr, dq_sync, lse2,
                dsum, *strides(dk, dv, dq), converters, *shape_args)
     else:
         function, smem = kernels["flash_bwd_dkdv"]
-        launch(function, batch * nheads_k * n_blocks, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
+        launch(function, dkdv_ctas, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
                q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
                *strides(q, k, v, dout, dk, dv), *shape_args)
     if deterministic:
         function, smem = kernels["flash_bwd_dq"]
-        launch(function, batch * nheads * m_blocks, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",
+        launch(function, num_tiles, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",
                q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dq.data_ptr, lse2, dsum, *strides(q, k, v, dout, dq),
                seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, ds_scale, *rng)
     elif hopper:
