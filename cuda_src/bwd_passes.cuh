@@ -9,14 +9,15 @@
 constexpr float kLog2e = 1.4426950408889634f;
 
 #if DQ_TILED
-// The sm_90a kernel's dQ tile of BLOCK_M x HEAD_DIM floats: consumer warpgroup wg (of
-// BLOCK_N / 64) computes rows row0(wg) .. + 64 and columns col0(wg) .. + kCols of it. The
+// The sm_90a kernel's dQ tile of BLOCK_M x HEAD_DIM floats: consumer warpgroup wg < kWarpgroups
+// computes rows row0(wg) .. + 64 and columns col0(wg) .. + kCols of it: all of them at d128
+// (kRowBlocks = 1), the other consumer warpgroup none (flash_bwd_sm90.cu, kSoloDq). The
 // accumulator keeps each tile in the order the warpgroups hold it in registers, (warpgroup, warp,
 // n8 tile, row half, lane, pair), so that a warp stores 256 contiguous bytes to shared memory
 // and a warpgroup's part goes to global memory as one bulk reduction. Columns 8j .. 8j + 7 of a
 // row stay 8 contiguous floats (lane = 4 * (row % 8) + column % 8 / 2).
 struct DqTile {
-    static constexpr int kRowBlocks = BLOCK_M / 64, kWarpgroups = BLOCK_N / 64;
+    static constexpr int kRowBlocks = BLOCK_M / 64, kWarpgroups = kRowBlocks;
     static constexpr int kCols = HEAD_DIM * kRowBlocks / kWarpgroups;
     static constexpr int kFloats = BLOCK_M * HEAD_DIM, kWarpgroupFloats = 64 * kCols;
     static_assert(kWarpgroups % kRowBlocks == 0 && kCols % 8 == 0, "warpgroups own whole 64-row blocks");

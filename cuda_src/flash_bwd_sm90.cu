@@ -46,6 +46,13 @@ constexpr int kDT = HEAD_DIM / 8;
 constexpr int kDqN = DqTile::kCols;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
+// At d128 (Br = 64, DqTile::kWarpgroups = 1) warpgroup 0 alone computes dQ, as m64n128 GEMMs over
+// both warpgroups' keys: named barriers kDsFull + b (warpgroup 1's dS^T rows are in buffer b) and
+// kDsFree + b (warpgroup 0's dQ GEMM has read them) then replace barrier 1 in the loop, so that
+// warpgroup 1 runs up to a tile ahead and the two pointwise steps drift apart.
+constexpr bool kSoloDq = DqTile::kWarpgroups < kConsumers;
+constexpr int kDsFull = 4, kDsFree = 6;
+template <bool B> struct Flag { static constexpr bool value = B; };
 constexpr int kInStep = IS_CAUSAL ? 1 : 2;  // CTAs that walk their Q tiles in step (KvBlockWork's pair)
 static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
               "two consumer warpgroups; dQ blocks of whole 64-row, 64-column panels");
@@ -213,110 +220,148 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         return;
     }
 
-    ptx::setmaxnreg_inc<kConsumerRegs>();
+    if constexpr (!kSoloDq) ptx::setmaxnreg_inc<kConsumerRegs>();
     const int tid = threadIdx.x - 128;
     const int wg = tid / 128;
     const int warp_key0 = (tid / 32) * 16;          // the warp's keys in the tile, as in the mma C layout
-    const int dq_row0 = DqTile::row0(wg), dq_col0 = DqTile::col0(wg);  // this warpgroup's block of dQ
-    float* sdQ_wg = sdQ + wg * DqTile::kWarpgroupFloats;
+    const int dq_wg = kSoloDq ? 0 : wg;  // the dQ warpgroup: with kSoloDq, warpgroup 0
+    const int dq_row0 = DqTile::row0(dq_wg), dq_col0 = DqTile::col0(dq_wg);  // this warpgroup's block of dQ
+    float* sdQ_wg = sdQ + dq_wg * DqTile::kWarpgroupFloats;
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 
-    float acc_dk[1][kDT][4], acc_dv[1][kDT][4];  // the warpgroup's 64 keys x d
-    zero(acc_dk);
-    zero(acc_dv);
-    if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
-    for (int i = 0; i < n_iters; ++i) {
-        const int head = work.head(i), m0 = work.m_block(i) * kBlockM;
-        const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
-        const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
-        const float* stats = sStats + (i % kStages) * 2 * kBlockM;
-        elem_t* sdSti = sdSt + (i % 2) * kBlockN * kBlockM;
+    // The consumer warpgroup's loop and epilogue; with kDq it also computes its block of dQ.
+    auto consume = [&](auto computes_dq) {
+        constexpr bool kDq = decltype(computes_dq)::value;
+        float acc_dk[1][kDT][4], acc_dv[1][kDT][4];  // the warpgroup's 64 keys x d
+        zero(acc_dk);
+        zero(acc_dv);
+        if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
+        for (int i = 0; i < n_iters; ++i) {
+            const int head = work.head(i), m0 = work.m_block(i) * kBlockM;
+            const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
+            const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
+            const float* stats = sStats + (i % kStages) * 2 * kBlockM;
+            elem_t* sdSti = sdSt + (i % 2) * kBlockN * kBlockM;
 
-        // S^T = K Q_i^T, dP^T = V dO_i^T   (64 keys of this warpgroup, Br)
-        float acc_s[1][kQT][4], acc_dp[1][kQT][4];
-        fence_regs(acc_dk);
-        fence_regs(acc_dv);
-        q_ring.wait_full(i);
-        stats_ring.wait_full(i);
-        ptx::wgmma_fence();
-        wg_gemm_abt<kBlockM, kBlockN>(acc_s[0], sK + wg * 64 * 64, sQi);
-        wg_gemm_abt<kBlockM, kBlockN>(acc_dp[0], sV + wg * 64 * 64, sdOi);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        fence_regs(acc_s);
-        fence_regs(acc_dp);
-        softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag,
-                         tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
+            // S^T = K Q_i^T, dP^T = V dO_i^T   (64 keys of this warpgroup, Br)
+            float acc_s[1][kQT][4], acc_dp[1][kQT][4];
+            fence_regs(acc_dk);
+            fence_regs(acc_dv);
+            q_ring.wait_full(i);
+            stats_ring.wait_full(i);
+            ptx::wgmma_fence();
+            wg_gemm_abt<kBlockM, kBlockN>(acc_s[0], sK + wg * 64 * 64, sQi);
+            wg_gemm_abt<kBlockM, kBlockN>(acc_dp[0], sV + wg * 64 * 64, sdOi);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            fence_regs(acc_s);
+            fence_regs(acc_dp);
+            softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag,
+                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
 
-        // dV += P^T dO_i; dS^T goes to shared memory for dQ while that GEMM runs.
-        unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];
-        acc_to_a_frags(pt, acc_s);
-        acc_to_a_frags(dst, acc_dp);
-        fence_regs(pt);
-        fence_regs(dst);
-        ptx::wgmma_fence();
-        wg_gemm_rs<kBlockM>(acc_dv[0], pt[0], sdOi);
-        ptx::wgmma_commit();
-        stmatrix_swizzled<kBlockN>(sdSti, dst, warp_key0);
-        ptx::fence_proxy_async();
+            // dV += P^T dO_i; dS^T goes to shared memory for dQ while that GEMM runs.
+            unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];
+            acc_to_a_frags(pt, acc_s);
+            acc_to_a_frags(dst, acc_dp);
+            fence_regs(pt);
+            fence_regs(dst);
+            ptx::wgmma_fence();
+            wg_gemm_rs<kBlockM>(acc_dv[0], pt[0], sdOi);
+            ptx::wgmma_commit();
+            if (!kDq && i >= 2) ptx::named_barrier(kDsFree + i % 2, kConsumerThreads);
+            stmatrix_swizzled<kBlockN>(sdSti, dst, warp_key0);
+            ptx::fence_proxy_async();
 
-        // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored and
-        // (thread 0 of each warpgroup waits for it) the last bulk reduction has read sdQ. dK's
-        // GEMM is issued after it, so that it runs while the dQ block goes out.
-        if (tid % 128 == 0) ptx::bulk_wait_read<0>();
-        ptx::named_barrier(1, kConsumerThreads);
-        float acc_dq[1][kDqN / 8][4];
-        ptx::wgmma_fence();  // acc_dq's registers were last read by the previous tile's stores
-        wg_gemm_kk<kDqN, kBlockN, kBlockN>(acc_dq[0], sdSti + (dq_row0 / 64) * kBlockN * 64, sK + (dq_col0 / 64) * kBlockN * 64);
-        ptx::wgmma_commit();
-        wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<1>();
-        fence_regs(acc_dq);
-        fence_regs(acc_dv);
-        fence_regs(pt);
+            if constexpr (kDq) {
+                // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored
+                // and (thread 0 of each warpgroup waits for it) the last bulk reduction has read
+                // sdQ. dK's GEMM is issued after it, so that it runs while the dQ block goes out.
+                if (tid % 128 == 0) ptx::bulk_wait_read<0>();
+                if constexpr (kSoloDq) {
+                    // dV's GEMM is done first: with dV, dQ and dK in flight, ptxas would serialize wgmma (C7512).
+                    ptx::wgmma_wait<0>();
+                    fence_regs(acc_dv);
+                    fence_regs(pt);
+                    ptx::named_barrier(kDsFull + i % 2, kConsumerThreads);
+                } else {
+                    ptx::named_barrier(1, kConsumerThreads);
+                }
+                float acc_dq[1][kDqN / 8][4];
+                ptx::wgmma_fence();  // acc_dq's registers were last read by the previous tile's stores
+                wg_gemm_kk<kDqN, kBlockN, kBlockN>(acc_dq[0], sdSti + (dq_row0 / 64) * kBlockN * 64, sK + (dq_col0 / 64) * kBlockN * 64);
+                ptx::wgmma_commit();
+                wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
+                ptx::wgmma_commit();
+                ptx::wgmma_wait<1>();
+                fence_regs(acc_dq);
+                fence_regs(acc_dv);
+                fence_regs(pt);
+                if (kSoloDq && i + 2 < n_iters) ptx::named_barrier_arrive(kDsFree + i % 2, kConsumerThreads);
 
-        const int row_base = dq_row0 + (tid / 32) % 4 * 16;
+                const int row_base = dq_row0 + (tid / 32) % 4 * 16;
 #pragma unroll
-        for (int nt = 0; nt < kDqN / 8; ++nt)
+                for (int nt = 0; nt < kDqN / 8; ++nt)
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int row = row_base + acc_row(0, 2 * hh), col = dq_col0 + acc_col(nt, 0);
-                *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int row = row_base + acc_row(0, 2 * hh), col = dq_col0 + acc_col(nt, 0);
+                        *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
+                    }
+                ptx::fence_proxy_async();
+                ptx::named_barrier(2 + dq_wg, 128);
+                if (tid % 128 == 0) {
+                    float* gdq = dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim);
+                    ptx::bulk_reduce_add_f32(gdq + dq_wg * DqTile::kWarpgroupFloats, sdQ_wg, DqTile::kWarpgroupFloats * 4);
+                    ptx::bulk_commit();
+                }
+            } else {
+                // Warpgroup 1 with kSoloDq: hand warpgroup 0 these dS^T rows and run ahead.
+                ptx::named_barrier_arrive(kDsFull + i % 2, kConsumerThreads);
+                wg_gemm_rs<kBlockM>(acc_dk[0], dst[0], sQi);
+                ptx::wgmma_commit();
             }
-        ptx::fence_proxy_async();
-        ptx::named_barrier(2 + wg, 128);
+            ptx::wgmma_wait<0>();
+            fence_regs(acc_dk);
+            fence_regs(dst);
+            if constexpr (!kDq) {
+                fence_regs(acc_dv);
+                fence_regs(pt);
+            }
+            ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
+        }
         if (tid % 128 == 0) {
-            float* gdq = dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim);
-            ptx::bulk_reduce_add_f32(gdq + wg * DqTile::kWarpgroupFloats, sdQ_wg, DqTile::kWarpgroupFloats * 4);
-            ptx::bulk_commit();
+            ptx::bulk_wait<0>();
+            ptx::fence_proxy_async_global();
+            ptx::mbar_arrive(bar_landed);
         }
-        ptx::wgmma_wait<0>();
-        fence_regs(acc_dk);
-        fence_regs(dst);
-        ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
-    }
-    if (tid % 128 == 0) {
-        ptx::bulk_wait<0>();
-        ptx::fence_proxy_async_global();
-        ptx::mbar_arrive(bar_landed);
-    }
 
-    // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
-    // reads them.
+        // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
+        // reads them.
 #pragma unroll
-    for (int dt = 0; dt < kDT; ++dt)
+        for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc_dk[0][dt][e] *= scale;
-            acc_dv[0][dt][e] *= rp_dropout;
+            for (int e = 0; e < 4; ++e) {
+                acc_dk[0][dt][e] *= scale;
+                acc_dv[0][dt][e] *= rp_dropout;
+            }
+        ptx::named_barrier(1, kConsumerThreads);
+        stmatrix_acc_swizzled<kBlockN>(sK, acc_dk, warp_key0);
+        stmatrix_acc_swizzled<kBlockN>(sV, acc_dv, warp_key0);
+        ptx::named_barrier(1, kConsumerThreads);
+        store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
+                                                       sK, dk_row_stride, seqlen_k - n0, head_dim, tid);
+        store_tile_swizzled<kBlockN, kConsumerThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
+                                                       sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
+    };
+    if constexpr (kSoloDq) {
+        // setmaxnreg in each branch: ptxas then allocates the two copies of the loop apart.
+        if (wg == 0) {
+            ptx::setmaxnreg_inc<kConsumerRegs>();
+            consume(Flag<true>{});
+        } else {
+            ptx::setmaxnreg_inc<kConsumerRegs>();
+            consume(Flag<false>{});
         }
-    ptx::named_barrier(1, kConsumerThreads);
-    stmatrix_acc_swizzled<kBlockN>(sK, acc_dk, warp_key0);
-    stmatrix_acc_swizzled<kBlockN>(sV, acc_dv, warp_key0);
-    ptx::named_barrier(1, kConsumerThreads);
-    store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
-                                                   sK, dk_row_stride, seqlen_k - n0, head_dim, tid);
-    store_tile_swizzled<kBlockN, kConsumerThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
-                                                   sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
+    } else {
+        consume(Flag<true>{});
+    }
 }
