@@ -11,12 +11,15 @@
 //   S^T = K Q_i^T, dP^T = V dO_i^T (wgmma SS) -> P^T, dS^T in registers (softmax_backward.cuh)
 //   dV += P^T dO_i (wgmma RS: P^T straight from registers); dS^T -> shared memory meanwhile
 //   once every warpgroup's dS^T rows are there: dQ_i = dS K (wgmma SS with both operands k-rows
-//   first), a block of it per warpgroup (DqTile, bwd_passes.cuh), then dK += dS^T Q_i (RS)
-//   while dK's GEMM runs, the dQ block goes through shared memory to one bulk reduction
+//   first), a 64-row block of it per dQ warpgroup (DqTile, bwd_passes.cuh), then dK += dS^T Q_i
+//   (RS); while dK's GEMM runs, the dQ block goes through shared memory to one bulk reduction
 //   (cp.reduce.async.bulk .add.f32) into the float32 accumulator; then the slot is released.
+// At d64 (Br = 128) both consumer warpgroups compute a block of dQ and meet at a barrier every
+// tile. At d128 (Br = 64: kSoloDq) warpgroup 0 computes the whole tile and warpgroup 1 only hands
+// over its dS^T rows, so it runs ahead and the two pointwise steps no longer coincide.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
-// The warpgroup's one bulk reduction of 16 KB per Q tile replaces 16 red.global.add.v2 per
-// thread, which cost 30-40% of the kernel's time (bench/NOTES.md, v2.4, v2.5).
+// One bulk reduction per dQ block replaces 16-32 red.global.add.v2 per thread, which cost 30-40%
+// of the kernel's time (bench/NOTES.md, v2.4, v2.5).
 //
 // The grid's last num_converters CTAs convert dQ (convert_dq_of_done_heads): the block
 // scheduler reaches them once every dK/dV CTA has an SM, i.e. in the grid's last wave, whose
@@ -220,7 +223,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         return;
     }
 
-    if constexpr (!kSoloDq) ptx::setmaxnreg_inc<kConsumerRegs>();
+    if constexpr (!kSoloDq) ptx::setmaxnreg_inc<kConsumerRegs>();  // else in each role's branch, below
     const int tid = threadIdx.x - 128;
     const int wg = tid / 128;
     const int warp_key0 = (tid / 32) * 16;          // the warp's keys in the tile, as in the mma C layout
@@ -353,7 +356,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                                                        sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
     };
     if constexpr (kSoloDq) {
-        // setmaxnreg in each branch: ptxas then allocates the two copies of the loop apart.
+        // setmaxnreg in each branch: ptxas then allocates the two copies of the loop apart (4 bytes
+        // of spills at d128 against 112 with one setmaxnreg before the branch).
         if (wg == 0) {
             ptx::setmaxnreg_inc<kConsumerRegs>();
             consume(Flag<true>{});
