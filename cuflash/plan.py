@@ -330,7 +330,7 @@ BWD_TILES = {
 # buckets. Registers per consumer thread: dK and dV take d each, S^T and dP^T block_m / 2 each.
 HOPPER_BWD_TILES = {
     64: HopperBwdTile(128),   # 195 KB; each warpgroup adds a 64-row block of dQ
-    128: HopperBwdTile(64),   # 194 KB; each warpgroup adds a 64-column block of dQ
+    128: HopperBwdTile(64),   # 194 KB; one warpgroup adds the whole 64-row dQ block (kSoloDq)
 }
 HOPPER_BWD_HEAD_DIMS = tuple(HOPPER_BWD_TILES)
 
