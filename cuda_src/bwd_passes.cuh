@@ -10,21 +10,22 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 #if DQ_TILED
 // The sm_90a kernel's dQ tile of BLOCK_M x HEAD_DIM floats: consumer warpgroup wg < kWarpgroups
-// computes rows row0(wg) .. + 64 and columns col0(wg) .. + kCols of it: all of them at d128
-// (kRowBlocks = 1), the other consumer warpgroup none (flash_bwd_sm90.cu, kSoloDq). The
-// accumulator keeps each tile in the order the warpgroups hold it in registers, (warpgroup, warp,
-// n8 tile, row half, lane, pair), so that a warp stores 256 contiguous bytes to shared memory
-// and a warpgroup's part goes to global memory as one bulk reduction. Columns 8j .. 8j + 7 of a
-// row stay 8 contiguous floats (lane = 4 * (row % 8) + column % 8 / 2).
+// computes its rows row0(wg) .. + 64, all columns (at d128, Br = 64, one warpgroup computes the
+// whole tile and the other none: flash_bwd_sm90.cu, kSoloDq). The accumulator keeps each tile in
+// the order the warpgroups hold it in registers, (warpgroup, warp, n8 tile, row half, lane,
+// pair), so that a warp stores 256 contiguous bytes to shared memory and a warpgroup's part goes
+// to global memory as one bulk reduction. Columns 8j .. 8j + 7 of a row stay 8 contiguous floats
+// (lane = 4 * (row % 8) + column % 8 / 2).
 struct DqTile {
-    static constexpr int kRowBlocks = BLOCK_M / 64, kWarpgroups = kRowBlocks;
-    static constexpr int kCols = HEAD_DIM * kRowBlocks / kWarpgroups;
+    static constexpr int kRowBlocks = BLOCK_M / 64, kWarpgroups = kRowBlocks;  // a dQ warpgroup per 64 rows
+    static constexpr int kCols = HEAD_DIM;                                       // each one's columns: all
     static constexpr int kFloats = BLOCK_M * HEAD_DIM, kWarpgroupFloats = 64 * kCols;
-    static_assert(kWarpgroups % kRowBlocks == 0 && kCols % 8 == 0, "warpgroups own whole 64-row blocks");
 
     // Tiles per (batch, head): the last one's rows past seqlen_q are scratch.
     static __device__ __forceinline__ int m_blocks(int seqlen_q) { return (seqlen_q + BLOCK_M - 1) / BLOCK_M; }
     static __device__ __forceinline__ int row0(int wg) { return wg % kRowBlocks * 64; }
+    // col0 and offset's column-block term are 0 for every dQ warpgroup. They keep this form: the
+    // d64 kernel compiled from the equal, shorter formulas ran 7% slower (bench/NOTES.md, v2.15).
     static __device__ __forceinline__ int col0(int wg) { return wg / kRowBlocks * kCols; }
     static __device__ __forceinline__ int offset(int r, int c) {
         const int wg = c / kCols * kRowBlocks + r / 64, warp = r % 64 / 16, half = r % 16 / 8, nt = c % kCols / 8;
