@@ -4,6 +4,7 @@ cuDNN backend, on the same tensors in one process.
     python bench/ab.py HEAD~1                    # backward, bf16, d 64 128, causal and not, s 2k 4k 16k
     python bench/ab.py main HEAD~3 --pass fwd --dtype fp16 --seqlen 2048 16384 --causal
     python bench/ab.py HEAD~1 --rounds 100
+    python bench/ab.py --sustained 2             # this checkout and cuDNN only, each at its own clock
 
 Two bench.py runs minutes apart differ by up to 5-10% for one kernel (bench/NOTES.md, "Measuring
 small differences"). Here every build runs on the same tensors, call by call in rotated order
@@ -16,6 +17,11 @@ cuflash_<i> (cuflash's imports are relative, and compile.SRC_DIR finds cuda_src 
 package), so the builds load side by side. A build's figure is its median over the rounds. The
 last line gives geomeans over the rows: of every build over cuDNN, and of this checkout over
 each revision. Shapes as bench.py's: batch * seqlen = 16384, hidden = 2048.
+
+With --sustained SECONDS the builds run back to back instead, SECONDS at a time in alternating
+blocks (bench.sustained_ms), as a training loop runs them: each then settles at the clock the
+700 W limit leaves it, which depends on the energy its calls draw. A kernel that does more work
+per clock can still lose there, and one that draws less power can win: bench/NOTES.md, v2.16.
 """
 import argparse
 import importlib
@@ -90,7 +96,10 @@ def run(args):
                         fns["cuDNN"] = make_cudnn(q, k, v, dout, causal, args.pass_)
                         reference = fns["cuDNN"]()
                         diffs = {name: rel_diff(fn(), reference) for name, fn in fns.items() if name != "cuDNN"}
-                        ms = bench.interleaved_ms(fns, flush, args.rounds)
+                        if args.sustained:
+                            ms = bench.sustained_ms(fns, args.sustained)
+                        else:
+                            ms = bench.interleaved_ms(fns, flush, args.rounds)
                         flops = bench.attention_flops(batch, nheads, seqlen, seqlen, head_dim, causal, args.pass_)
                         row = {name: bench.tflops(flops, ms[name]) for name in fns}
                         rows.append(row)
@@ -113,7 +122,7 @@ def run(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("revs", nargs="+", help="git revisions to time against this checkout")
+    parser.add_argument("revs", nargs="*", help="git revisions to time against this checkout (none: only it and cuDNN)")
     parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd"), default="bwd", help="default bwd")
     parser.add_argument("--dtype", nargs="+", choices=bench.DTYPES, default=("bf16",), help="default bf16")
     parser.add_argument("--hdim", nargs="+", type=int, default=bench.HEAD_DIMS, help="default 64 128")
@@ -124,10 +133,14 @@ def parse_args(argv=None):
     causal.add_argument("--no-causal", dest="causal", action="store_const", const=(False,), help="non-causal only")
     parser.add_argument("--rounds", type=int, default=40,
                         help="rounds per row, each timing every build once (default 40)")
+    parser.add_argument("--sustained", type=float, metavar="SECONDS",
+                        help="time each build back to back, SECONDS at a time in two alternating blocks per build")
     args = parser.parse_args(argv)
     bench.check_shape_args(parser, args.seqlen, args.hdim)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be at least 1")
+    if args.sustained is not None and not args.sustained > 0:
+        parser.error(f"--sustained {args.sustained}: must be a positive number of seconds")
     for rev in args.revs:
         if subprocess.run(["git", "-C", str(bench.ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
                           capture_output=True).returncode:

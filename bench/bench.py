@@ -36,6 +36,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,46 @@ def interleaved_ms(fns, flush, rounds):
             events[name].append((start, end))
     torch.cuda.synchronize()
     return {name: statistics.median(start.elapsed_time(end) for start, end in pairs) for name, pairs in events.items()}
+
+
+def sustained_ms(fns, seconds, blocks=2, chunk_ms=10.0):
+    """{name: ms per call} of several callables, each run back to back for `seconds` at a time,
+    in blocks that alternate between them (the order reversed every block), as a training loop
+    runs a kernel. The GPU then settles at its power limit, where the clock a kernel gets depends
+    on the energy its calls draw (bench/NOTES.md, v2.16); interleaved_ms instead times every
+    callable at the clock their mix sets. Calls go in chunks of ~chunk_ms between CUDA events,
+    with no L2 flush (the benchmark's tensors are larger than L2); a block's figure is the median
+    chunk of its second half, and a callable's figure the median of its blocks."""
+    import torch
+
+    names = list(fns)
+    chunk = {}
+    for name in names:
+        for _ in range(WARMUP_RUNS):
+            fns[name]()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fns[name]()
+        end.record()
+        end.synchronize()
+        chunk[name] = max(1, round(chunk_ms / max(start.elapsed_time(end), 1e-3)))
+    per_block = {name: [] for name in names}
+    for b in range(blocks):
+        for name in names if b % 2 == 0 else names[::-1]:
+            fn, calls = fns[name], chunk[name]
+            pairs = []
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline or len(pairs) < 4:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(calls):
+                    fn()
+                end.record()
+                pairs.append((start, end))
+            torch.cuda.synchronize()
+            settled = pairs[len(pairs) // 2:]
+            per_block[name].append(statistics.median(s.elapsed_time(e) for s, e in settled) / calls)
+    return {name: statistics.median(ms) for name, ms in per_block.items()}
 
 
 def measure(make, flops, flush, budget_ms):

@@ -36,6 +36,6 @@ def test_a_revision_loads_beside_this_checkout(ab, tmp_path):
 
 def test_bad_arguments_are_refused(ab):
     for argv in (["no-such-revision"], ["HEAD", "--seqlen", "3000"], ["HEAD", "--hdim", "100"],
-                 ["HEAD", "--rounds", "0"]):
+                 ["HEAD", "--rounds", "0"], ["--sustained", "0"], ["--sustained", "-1"]):
         with pytest.raises(SystemExit):
             ab.parse_args(argv)
