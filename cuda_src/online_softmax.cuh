@@ -77,8 +77,19 @@ __device__ __forceinline__ void drop_scores(float (&p)[MT][NT][4], const dropout
         }
 }
 
-// O = O * out_scale / l; lse = ln(l) + m ln 2 for rows < seqlen_q. A row that saw no key gets
-// O = 0 and lse = -inf.
+// A row's sum from the thread's partial one (the four threads of a row hold its columns).
+__device__ __forceinline__ float row_sum(float l_part) {
+    l_part += __shfl_xor_sync(0xffffffff, l_part, 1);
+    return l_part + __shfl_xor_sync(0xffffffff, l_part, 2);
+}
+
+// out_scale / l, 0 for a row that saw no key.
+__device__ __forceinline__ float output_scale(float l, float out_scale) { return l > 0.f ? out_scale / l : 0.f; }
+
+// lse = ln(l) + m ln 2, -inf for a row that saw no key.
+__device__ __forceinline__ float row_lse(float m, float l) { return l > 0.f ? m * kLn2 + logf(l) : neg_inf(); }
+
+// O = O * out_scale / l; lse for rows < seqlen_q.
 template <int MT, int DT>
 __device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
                                                float out_scale, float* lse_bh, int row0, int seqlen_q) {
@@ -86,16 +97,45 @@ __device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const floa
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            float l = l_part[mt][hh];
-            l += __shfl_xor_sync(0xffffffff, l, 1);
-            l += __shfl_xor_sync(0xffffffff, l, 2);
-            const float inv_l = l > 0.f ? out_scale / l : 0.f;
+            const float l = row_sum(l_part[mt][hh]);
+            const float inv_l = output_scale(l, out_scale);
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 o[mt][dt][2 * hh] *= inv_l;
                 o[mt][dt][2 * hh + 1] *= inv_l;
             }
             const int r = row0 + acc_row(mt, 2 * hh);
-            if (threadIdx.x % 4 == 0 && r < seqlen_q) lse_bh[r] = l > 0.f ? m[mt][hh] * kLn2 + logf(l) : neg_inf();
+            if (threadIdx.x % 4 == 0 && r < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l);
+        }
+}
+
+// On a row block's last tile, where O is then normalised by the last P V: l becomes the row sums,
+// and alpha and P take out_scale / l.
+template <int MT, int NT>
+__device__ __forceinline__ void fold_output_scale(float (&p)[MT][NT][4], float (&l)[MT][2], float (&alpha)[MT][2], float out_scale) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            l[mt][hh] = row_sum(l[mt][hh]);
+            const float inv_l = output_scale(l[mt][hh], out_scale);
+            alpha[mt][hh] *= inv_l;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                p[mt][nt][2 * hh] *= inv_l;
+                p[mt][nt][2 * hh + 1] *= inv_l;
+            }
+        }
+}
+
+// lse for rows < seqlen_q, from row sums l (fold_output_scale's).
+template <int MT>
+__device__ __forceinline__ void store_lse(const float (&m)[MT][2], const float (&l)[MT][2], float* lse_bh, int row0, int seqlen_q) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = row0 + acc_row(mt, 2 * hh);
+            if (threadIdx.x % 4 == 0 && r < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l[mt][hh]);
         }
 }

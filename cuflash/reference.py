@@ -310,7 +310,8 @@ def tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, caus
     return n_end > seqlen_k or (causal and n_end - 1 > first_row_last_key)
 
 
-def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, block_n=64, *, dropout_p=0.0, seed=0, offset=0):
+def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, block_n=64, *, dropout_p=0.0, seed=0, offset=0,
+                        fold_output_scale=False):
     """The kernel's algorithm in NumPy: for each Q tile, K/V tiles from last to first, masking only
     tiles that need it; S in float32; online softmax in log2 units; P rounded to the input dtype
     before P V; O and lse from the final m and l. Returns (o, lse) like attention_reference.
@@ -320,7 +321,11 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
     the rounded P that feeds P V; m and l (hence lse) follow the undropped P; the 1 / (1 - p) of
     the kept values is folded into the final normalisation O = acc_o / l / (1 - p), so P is
     rounded exactly as without dropout and no element is rescaled. Equals attention_reference
-    with dropout_mask(seed, offset, batch, nheads, seqlen_q, seqlen_k, dropout_p)."""
+    with dropout_mask(seed, offset, batch, nheads, seqlen_q, seqlen_k, dropout_p).
+
+    fold_output_scale (the sm_90a kernel without causal: kFoldScale) moves that normalisation
+    onto the last K/V tile: there alpha and P (before its rounding) take (1 / (1 - p)) / l, so that
+    the last P V leaves O normalised."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dtype = q.dtype.name
@@ -356,6 +361,9 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
             alpha = np.exp2(m_i - m_use)
             p = np.exp2(s * scale_log2 - m_use[..., None])
             l_i = l_i * alpha + p.sum(axis=-1)
+            if fold_output_scale and n_block == 0:                # the last tile: O leaves normalised
+                inv_l = np.where(l_i > 0, rp_dropout / np.where(l_i > 0, l_i, 1), 0).astype(acc)
+                alpha, p = alpha * inv_l, p * inv_l[..., None]
             p_in = round_to(p.astype(acc), dtype)                 # P as the GEMM reads it
             if dropout_p > 0:
                 # P_in = P_in * keep, keep of exactly this tile's (rows, cols); l_i above saw all of P
@@ -365,9 +373,11 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
             m_i = m_new
         safe_l = np.where(l_i > 0, l_i, 1)
         # O = acc_o / l   (/ (1 - p) with dropout: the kept values' scale, applied once per row)
-        o_tile = acc_o / safe_l[..., None]
-        if dropout_p > 0:
-            o_tile = o_tile * rp_dropout
+        o_tile = acc_o
+        if not fold_output_scale:
+            o_tile = acc_o / safe_l[..., None]
+            if dropout_p > 0:
+                o_tile = o_tile * rp_dropout
         o[:, :, rows] = np.where(l_i[..., None] > 0, o_tile, 0)
         lse[:, :, rows] = np.where(l_i > 0, m_i / LOG2E + np.log(safe_l), -np.inf)
     o = round_to(o.transpose(0, 2, 1, 3).astype(acc), dtype)

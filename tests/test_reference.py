@@ -33,9 +33,11 @@ def make_qkv(p, dtype):
 def test_model_matches_float64_reference(p):
     q, k, v = make_qkv(p, "float64")
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
-    o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"])
-    assert max_abs_err(o, o_ref) < 1e-10
-    assert max_abs_err(lse, lse_ref) < 1e-10
+    for fold in (False, True):
+        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"],
+                                     fold_output_scale=fold)
+        assert max_abs_err(o, o_ref) < 1e-10
+        assert max_abs_err(lse, lse_ref) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -45,9 +47,11 @@ def test_model_in_low_precision_obeys_2x_rule(dtype, p):
     q, k, v = make_qkv(p, dtype)
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
     o_low, lse_low = attention_reference(q, k, v, p["softmax_scale"], p["causal"], upcast=False)
-    o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"])
-    assert_2x(o, o_ref, o_low, dtype)
-    assert_2x(lse, lse_ref, lse_low, dtype, "lse")
+    for fold in (False, True):  # the normalisation after the last P V, or folded into it (sm_90a)
+        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"],
+                                     fold_output_scale=fold)
+        assert_2x(o, o_ref, o_low, dtype)
+        assert_2x(lse, lse_ref, lse_low, dtype, "lse")
 
 
 @settings(max_examples=200, deadline=None)
