@@ -62,6 +62,14 @@ constexpr bool kWaitVInSoftmax = kConsumers == 2;
 // P V leaves O normalised and the epilogue starts its stores at once: +0.3-0.7% at d128 (s = 2k,
 // 4k), +0.5-1.3% at d64. Under causal the same fold measured 0.3-0.9% slower (bench/NOTES.md, v2.16).
 constexpr bool kFoldScale = !IS_CAUSAL;
+// Under causal the m blocks end at seqlen_q (to within 64 rows) instead of starting at row 0, so
+// that a partial block is the first one, which sees the fewest keys: its rows outside
+// [0, seqlen_q) cost a K/V tile or two rather than a whole row of them (d64, Br = 192, s = 2k and
+// 4k: 5% of the work, +2.5-3.5%; bench/NOTES.md, v2.16). The TMA copy of Q fills rows below 0
+// with zeros; a TMA store that starts below row 0 is an illegal instruction, so the shift is
+// whole warpgroups of 64 rows, whose stores are skipped (cuflash/plan.py: causal_row_shift). O
+// stored from registers keeps row 0.
+constexpr bool kRowsEndAligned = IS_CAUSAL && kStageO;
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
@@ -96,7 +104,9 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     const TileSchedule schedule{num_m_blocks, num_bh, tail_heads};
     const int diag = seqlen_k - seqlen_q;
     const int group = num_heads / num_heads_k;
-    auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(m_block * kBlockM, kBlockM, kBlockN, seqlen_k, diag); };
+    const int row_shift = kRowsEndAligned ? (num_m_blocks * kBlockM - seqlen_q) / 64 * 64 : 0;
+    auto row0_of = [&](int m_block) { return m_block * kBlockM - row_shift; };  // may be < 0
+    auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(row0_of(m_block), kBlockM, kBlockN, seqlen_k, diag); };
 
     if (threadIdx.x == 0) {
         ptx::mbar_init(q_ring.full(0), 1);
@@ -138,7 +148,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 if (n_tiles_of(m_block) == 0) return;
                 q_ring.wait_empty(q_tiles);
                 ptx::mbar_arrive_expect_tx(q_ring.full(q_tiles), kQBytes);
-                tma_load_tile<kBlockM>(sQ, tma_q, m_block * kBlockM, bh % num_heads, bh / num_heads, q_ring.full(q_tiles));
+                tma_load_tile<kBlockM>(sQ, tma_q, row0_of(m_block), bh % num_heads, bh / num_heads, q_ring.full(q_tiles));
                 ++q_tiles;
             });
         }
@@ -154,7 +164,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     int ring = 0, q_tiles = 0;
 
     for_each_tile<false>(schedule, queue, [&](int bh, int m_block) {
-        const int m0 = m_block * kBlockM;
+        const int m0 = row0_of(m_block);
         const int n_tiles = n_tiles_of(m_block);
         auto key0 = [&](int t) { return (n_tiles - 1 - t) * kBlockN; };
 
@@ -252,7 +262,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             stmatrix_acc_swizzled<kBlockM>(sO, acc_o, warp_row0);
             ptx::fence_proxy_async();
             ptx::named_barrier(1 + wg, 128);
-            if (tid % 128 == 0) {  // TMA leaves rows past seqlen_q and columns past head_dim unwritten
+            if (tid % 128 == 0 && (!kRowsEndAligned || m0 + wg_row0 >= 0)) {  // TMA clips rows past seqlen_q, columns past head_dim
 #pragma unroll
                 for (int p = 0; p < HEAD_DIM / 64; ++p)
                     ptx::tma_store_4d(&tma_o, smem_u32(sO + p * kBlockM * 64 + wg_row0 * 64), p * 64, m0 + wg_row0, head, batch);

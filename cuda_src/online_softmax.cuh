@@ -89,7 +89,7 @@ __device__ __forceinline__ float output_scale(float l, float out_scale) { return
 // lse = ln(l) + m ln 2, -inf for a row that saw no key.
 __device__ __forceinline__ float row_lse(float m, float l) { return l > 0.f ? m * kLn2 + logf(l) : neg_inf(); }
 
-// O = O * out_scale / l; lse for rows < seqlen_q.
+// O = O * out_scale / l; lse for rows in [0, seqlen_q).
 template <int MT, int DT>
 __device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
                                                float out_scale, float* lse_bh, int row0, int seqlen_q) {
@@ -105,7 +105,7 @@ __device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const floa
                 o[mt][dt][2 * hh + 1] *= inv_l;
             }
             const int r = row0 + acc_row(mt, 2 * hh);
-            if (threadIdx.x % 4 == 0 && r < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l);
+            if (threadIdx.x % 4 == 0 && static_cast<unsigned>(r) < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l);  // 0 <= r < seqlen_q
         }
 }
 

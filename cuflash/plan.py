@@ -210,6 +210,14 @@ def persistent_units(num_bh, num_m_blocks, causal, tail_heads=0):
     return (num_bh - tail_heads) * ((num_m_blocks + 1) // 2 if causal else num_m_blocks) + tail_heads * num_m_blocks
 
 
+def causal_row_shift(seqlen_q, block_m):
+    """Rows by which the causal sm_90a forward with a staged O moves its m blocks up, so that they
+    end at seqlen_q to within 64 rows and the partial block is the first, which sees the fewest
+    keys (cuda_src/flash_fwd_sm90.cu, kRowsEndAligned): m block j holds rows
+    [j * block_m - shift, (j + 1) * block_m - shift)."""
+    return (-(-seqlen_q // block_m) * block_m - seqlen_q) // 64 * 64
+
+
 def persistent_order(num_m_blocks, num_bh, tail_heads, causal):
     """The units of the persistent forward in the order the CTAs claim them, each a list of
     (bh, m_block) tiles in the order it runs them: the CPU mirror of TileSchedule

@@ -294,24 +294,26 @@ def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False
     return rnd(dq), rnd(dk), rnd(dv)
 
 
-def n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal):
-    """Number of K/V tiles the Q tile m_block visits (tiles n_block_max.. are fully masked)."""
+def n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal, row_shift=0):
+    """Number of K/V tiles the Q tile m_block (rows from m_block * block_m - row_shift) visits
+    (tiles n_block_max.. are fully masked)."""
     n_max = -(-seqlen_k // block_n)
     if causal:
-        last_key = (m_block + 1) * block_m - 1 + seqlen_k - seqlen_q  # the tile's last row sees up to here
+        last_key = (m_block + 1) * block_m - row_shift - 1 + seqlen_k - seqlen_q  # the tile's last row sees up to here
         n_max = min(n_max, 0 if last_key < 0 else last_key // block_n + 1)
     return n_max
 
 
-def tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
-    """True if some key of K/V tile n_block is invisible to some row of Q tile m_block."""
+def tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal, row_shift=0):
+    """True if some key of K/V tile n_block is invisible to some row of Q tile m_block (rows from
+    m_block * block_m - row_shift)."""
     n_end = (n_block + 1) * block_n
-    first_row_last_key = m_block * block_m + seqlen_k - seqlen_q
+    first_row_last_key = m_block * block_m - row_shift + seqlen_k - seqlen_q
     return n_end > seqlen_k or (causal and n_end - 1 > first_row_last_key)
 
 
 def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, block_n=64, *, dropout_p=0.0, seed=0, offset=0,
-                        fold_output_scale=False):
+                        fold_output_scale=False, row_shift=0):
     """The kernel's algorithm in NumPy: for each Q tile, K/V tiles from last to first, masking only
     tiles that need it; S in float32; online softmax in log2 units; P rounded to the input dtype
     before P V; O and lse from the final m and l. Returns (o, lse) like attention_reference.
@@ -325,7 +327,9 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
 
     fold_output_scale (the sm_90a kernel without causal: kFoldScale) moves that normalisation
     onto the last K/V tile: there alpha and P (before its rounding) take (1 / (1 - p)) / l, so that
-    the last P V leaves O normalised."""
+    the last P V leaves O normalised. row_shift (the causal sm_90a kernel: plan.causal_row_shift)
+    moves the Q tiles up: tile m holds rows [m * block_m - row_shift, (m + 1) * block_m - row_shift),
+    those below 0 computed by the kernel and thrown away (here: left out)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dtype = q.dtype.name
@@ -341,18 +345,19 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
     o = np.zeros((batch, nheads, seqlen_q, head_dim), acc)
     lse = np.full((batch, nheads, seqlen_q), -np.inf, acc)
     for m_block in range(-(-seqlen_q // block_m)):
-        rows = slice(m_block * block_m, (m_block + 1) * block_m)
+        first_row = m_block * block_m - row_shift
+        rows = slice(max(first_row, 0), first_row + block_m)
         q_tile = q_[:, :, rows]                                   # (b, h, Br, d)
         row_ids = np.arange(seqlen_q)[rows]
         m_i = np.full(q_tile.shape[:-1], -np.inf, acc)            # running max of S * scale_log2
         l_i = np.zeros(q_tile.shape[:-1], acc)                    # running sum of P
         acc_o = np.zeros(q_tile.shape, acc)                       # unnormalised O
-        for n_block in reversed(range(n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal))):
+        for n_block in reversed(range(n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal, row_shift))):
             cols = slice(n_block * block_n, (n_block + 1) * block_n)
             col_ids = np.arange(seqlen_k)[cols]
             # S = Q K_j^T   (b, h, Br, Bc)
             s = q_tile @ k_[:, :, cols].transpose(0, 1, 3, 2)
-            if tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
+            if tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal, row_shift):
                 seen = (col_ids[None, :] < seqlen_k) & (not causal or col_ids[None, :] <= row_ids[:, None] + seqlen_k - seqlen_q)
                 s = np.where(seen, s, -np.inf)
             # m_new = max(m_i, rowmax(S) * scale_log2); P = exp2(S * scale_log2 - m_new)

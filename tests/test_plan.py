@@ -225,15 +225,16 @@ def claimed_makespan(costs, grid, lead):
     (1024, 128, 128, 140), (1000, 128, 128, 3), (333, 64, 128, 40)])
 def test_persistent_causal_claims_keep_the_grid_busy(seqlen, block_m, block_n, num_bh):
     """Under causal (seqlen_q = seqlen_k) an m block costs its K/V tiles plus one for its Q load
-    and epilogue. With 132 CTAs claiming units 3 tiles ahead (the K/V ring's depth), the kernel
-    takes at most 1/0.97 of its lower bound (the larger of a CTA's fair share and the longest
-    unit). The static round robin of pairs before it took 1/0.86 in the first case, 1/0.85 in
-    the seventh."""
+    and epilogue; its rows end at seqlen_q (plan.causal_row_shift). With 132 CTAs claiming units
+    3 tiles ahead (the K/V ring's depth), the kernel takes at most 1/0.97 of its lower bound (the
+    larger of a CTA's fair share and the longest unit). The static round robin of pairs before it
+    took 1/0.86 in the first case, 1/0.85 in the seventh."""
     grid = 132
     num_m_blocks = -(-seqlen // block_m)
     tail_heads = plan.persistent_tail_heads(num_bh, num_m_blocks, grid, True)
     units = plan.persistent_order(num_m_blocks, num_bh, tail_heads, True)
-    cost = lambda m: -(-min(seqlen, (m + 1) * block_m) // block_n) + 1
+    shift = plan.causal_row_shift(seqlen, block_m)
+    cost = lambda m: -(-min(seqlen, (m + 1) * block_m - shift) // block_n) + 1
     costs = [sum(cost(m) for _, m in unit) for unit in units]
     bound = max(sum(costs) / min(grid, len(costs)), max(costs))
     assert bound / claimed_makespan(costs, grid, lead=3) >= 0.97

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from accuracy import assert_2x, max_abs_err
-from cuflash import reference
+from cuflash import plan, reference
 from cuflash.reference import attention_reference, flash_forward_model, from_float32
 
 AWKWARD = [1, 2, 7, 16, 17, 31, 64, 65, 113, 127, 128, 129, 203, 239]
@@ -33,9 +33,10 @@ def make_qkv(p, dtype):
 def test_model_matches_float64_reference(p):
     q, k, v = make_qkv(p, "float64")
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
-    for fold in (False, True):
+    # as the portable kernels; sm_90a without causal (1 / l folded in); sm_90a causal (rows end-aligned)
+    for fold, shift in ((False, 0), (True, 0), (False, plan.causal_row_shift(p["seqlen_q"], p["block_m"]))):
         o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"],
-                                     fold_output_scale=fold)
+                                     fold_output_scale=fold, row_shift=shift)
         assert max_abs_err(o, o_ref) < 1e-10
         assert max_abs_err(lse, lse_ref) < 1e-10
 
@@ -47,26 +48,32 @@ def test_model_in_low_precision_obeys_2x_rule(dtype, p):
     q, k, v = make_qkv(p, dtype)
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
     o_low, lse_low = attention_reference(q, k, v, p["softmax_scale"], p["causal"], upcast=False)
-    for fold in (False, True):  # the normalisation after the last P V, or folded into it (sm_90a)
+    for fold, shift in ((False, 0), (True, 0), (False, plan.causal_row_shift(p["seqlen_q"], p["block_m"]))):
         o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"],
-                                     fold_output_scale=fold)
+                                     fold_output_scale=fold, row_shift=shift)
         assert_2x(o, o_ref, o_low, dtype)
         assert_2x(lse, lse_ref, lse_low, dtype, "lse")
 
 
 @settings(max_examples=200, deadline=None)
 @given(seqlen_q=st.integers(1, 300), seqlen_k=st.integers(1, 300), causal=st.booleans(),
-       block_m=st.sampled_from([16, 64, 128]), block_n=st.sampled_from([16, 32, 64, 128]))
-def test_tile_skipping_and_masking_cover_exactly_the_visible_keys(seqlen_q, seqlen_k, causal, block_m, block_n):
-    """Visited tiles hold every visible (row, key); unmasked tiles hold only visible ones."""
+       block_m=st.sampled_from([16, 64, 128, 192]), block_n=st.sampled_from([16, 32, 64, 128]), shifted=st.booleans())
+def test_tile_skipping_and_masking_cover_exactly_the_visible_keys(seqlen_q, seqlen_k, causal, block_m, block_n, shifted):
+    """Visited tiles hold every visible (row, key); unmasked tiles hold only visible ones. With
+    the rows end-aligned (shifted), the Q tiles still cover every row, and end within 64 rows
+    past the last."""
     seen = reference.visible(seqlen_q, seqlen_k, causal)
     covered = np.zeros_like(seen)
-    for m_block in range(-(-seqlen_q // block_m)):
-        rows = slice(m_block * block_m, (m_block + 1) * block_m)
-        for n_block in range(reference.n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal)):
+    num_m_blocks = -(-seqlen_q // block_m)
+    shift = plan.causal_row_shift(seqlen_q, block_m) if shifted else 0
+    assert 0 <= shift < block_m and shift % 64 == 0 and 0 <= num_m_blocks * block_m - shift - seqlen_q < 64 + (not shifted) * block_m
+    for m_block in range(num_m_blocks):
+        first_row = m_block * block_m - shift
+        rows = slice(max(first_row, 0), first_row + block_m)
+        for n_block in range(reference.n_block_max(m_block, block_m, block_n, seqlen_q, seqlen_k, causal, shift)):
             cols = slice(n_block * block_n, (n_block + 1) * block_n)
             covered[rows, cols] = True
-            if not reference.tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
+            if not reference.tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal, shift):
                 assert seen[rows, cols].all() and (n_block + 1) * block_n <= seqlen_k
     assert not (seen & ~covered).any()
 
