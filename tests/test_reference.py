@@ -28,15 +28,20 @@ def make_qkv(p, dtype):
     return [from_float32(rng.standard_normal(s).astype(np.float32), dtype) for s in shapes]
 
 
+def kernel_options(p):
+    """flash_forward_model's options for problem p, each checked with and without causal: as the
+    portable kernels; 1 / l folded into the last tile (sm_90a without causal); row blocks aligned
+    to the end (sm_90a under causal)."""
+    return [{}, dict(fold_output_scale=True), dict(row_shift=plan.causal_row_shift(p["seqlen_q"], p["block_m"]))]
+
+
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_model_matches_float64_reference(p):
     q, k, v = make_qkv(p, "float64")
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
-    # as the portable kernels; sm_90a without causal (1 / l folded in); sm_90a causal (rows end-aligned)
-    for fold, shift in ((False, 0), (True, 0), (False, plan.causal_row_shift(p["seqlen_q"], p["block_m"]))):
-        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"],
-                                     fold_output_scale=fold, row_shift=shift)
+    for options in kernel_options(p):
+        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"], **options)
         assert max_abs_err(o, o_ref) < 1e-10
         assert max_abs_err(lse, lse_ref) < 1e-10
 
@@ -48,9 +53,8 @@ def test_model_in_low_precision_obeys_2x_rule(dtype, p):
     q, k, v = make_qkv(p, dtype)
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
     o_low, lse_low = attention_reference(q, k, v, p["softmax_scale"], p["causal"], upcast=False)
-    for fold, shift in ((False, 0), (True, 0), (False, plan.causal_row_shift(p["seqlen_q"], p["block_m"]))):
-        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"],
-                                     fold_output_scale=fold, row_shift=shift)
+    for options in kernel_options(p):
+        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"], **options)
         assert_2x(o, o_ref, o_low, dtype)
         assert_2x(lse, lse_ref, lse_low, dtype, "lse")
 
@@ -66,7 +70,8 @@ def test_tile_skipping_and_masking_cover_exactly_the_visible_keys(seqlen_q, seql
     covered = np.zeros_like(seen)
     num_m_blocks = -(-seqlen_q // block_m)
     shift = plan.causal_row_shift(seqlen_q, block_m) if shifted else 0
-    assert 0 <= shift < block_m and shift % 64 == 0 and 0 <= num_m_blocks * block_m - shift - seqlen_q < 64 + (not shifted) * block_m
+    if shifted:
+        assert 0 <= shift < block_m and shift % 64 == 0 and 0 <= num_m_blocks * block_m - shift - seqlen_q < 64
     for m_block in range(num_m_blocks):
         first_row = m_block * block_m - shift
         rows = slice(max(first_row, 0), first_row + block_m)
