@@ -295,6 +295,21 @@ def l2_flusher():
     return buffer.zero_
 
 
+def warm_call_ms(fn):
+    """GPU time in ms of one call of fn() after WARMUP_RUNS untimed ones (at least 1e-3): what the
+    timers size their runs by."""
+    import torch
+
+    for _ in range(WARMUP_RUNS):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return max(start.elapsed_time(end), 1e-3)
+
+
 def median_ms(fn, flush, budget_ms):
     """Median GPU time of fn() in ms: warm up, pick the number of runs from one timed call, then
     flush L2 and time each run between its own pair of CUDA events."""
@@ -303,14 +318,7 @@ def median_ms(fn, flush, budget_ms):
     def event():
         return torch.cuda.Event(enable_timing=True)
 
-    for _ in range(WARMUP_RUNS):
-        fn()
-    start, end = event(), event()
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    runs = int(min(MAX_RUNS, max(MIN_RUNS, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    runs = int(min(MAX_RUNS, max(MIN_RUNS, budget_ms / warm_call_ms(fn))))
     events = [(event(), event()) for _ in range(runs)]
     for start, end in events:
         flush()
@@ -358,16 +366,7 @@ def sustained_ms(fns, seconds, blocks=2, chunk_ms=10.0):
     import torch
 
     names = list(fns)
-    chunk = {}
-    for name in names:
-        for _ in range(WARMUP_RUNS):
-            fns[name]()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fns[name]()
-        end.record()
-        end.synchronize()
-        chunk[name] = max(1, round(chunk_ms / max(start.elapsed_time(end), 1e-3)))
+    chunk = {name: max(1, round(chunk_ms / warm_call_ms(fns[name]))) for name in names}
     per_block = {name: [] for name in names}
     for b in range(blocks):
         for name in names if b % 2 == 0 else names[::-1]:
