@@ -7,8 +7,9 @@
 // Warpgroup 0 is the producer: one thread claims the units and issues the TMA copies of each K
 // and each V tile into rings of STAGES slots (a "full" mbarrier each), reusing a K slot once
 // the consumers arrive on its "empty" mbarrier after their S, a V slot after their P V; a thread
-// of another warp copies each tile's Q once the consumers have issued their last S of the
-// previous tile. setmaxnreg gives the producer 24 registers and the consumers the rest.
+// of another warp copies each tile's Q once the consumers are done with the previous one (have
+// issued its last S, or loaded it into registers: kQInRegs). setmaxnreg gives the producer 24
+// registers and the consumers the rest.
 // Warpgroups 1..BLOCK_M/64 are the consumers, 64 query rows each: S = Q K^T is a wgmma reading
 // the 128-byte-swizzled tiles TMA wrote (warpgroup_gemm.cuh); S comes back in registers in the
 // layout the mma.sync kernel uses, so the online softmax is shared (online_softmax.cuh); O += P V
@@ -70,6 +71,12 @@ constexpr bool kFoldScale = !IS_CAUSAL;
 // whole warpgroups of 64 rows, whose stores are skipped (cuflash/plan.py: causal_row_shift). O
 // stored from registers keeps row 0.
 constexpr bool kRowsEndAligned = IS_CAUSAL && kStageO;
+// With two consumer warpgroups at d <= 128, each warp holds its 16 rows of Q as wgmma A fragments
+// (d / 4 registers), loaded once per tile of O: S then reads only K from shared memory, a fifth
+// fewer operand bytes per K/V tile, and Q's slot is free for the next tile's Q from the start
+// (+2-4% at d128; bench/NOTES.md, v2.17). At Br = 192 (160 registers) ptxas serializes the wgmma,
+// and d256 has no 64 registers to spare.
+constexpr bool kQInRegs = HEAD_DIM <= 128 && kConsumers == 2;
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
@@ -178,11 +185,13 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             float acc_s[1][kNT][4];
             float alpha[1][2];
             unsigned p[1][kBlockN / 16][4];  // P_{t-1}: the A operand of the P V in flight
+            unsigned q[1][kDT / 2][4];      // with kQInRegs: the warp's rows of Q, S's A operand
             const int r0 = ring;
             // The waits for the tiles come before the wgmma_fence: ptxas injects a fence of its own
             // into a GEMM that a spin loop separates from the last one.
             auto issue_s = [&](int t) {      // S_t = Q K_t^T
-                wg_gemm_abt<kBlockN, kBlockM>(acc_s[0], sQ + wg_row0 * 64, sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
+                if constexpr (kQInRegs) wg_gemm_rs_abt<kBlockN>(acc_s[0], q[0], sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
+                else wg_gemm_abt<kBlockN, kBlockM>(acc_s[0], sQ + wg_row0 * 64, sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
                 ptx::wgmma_commit();
             };
             auto issue_pv = [&](int t) {     // O += P_t V_t
@@ -204,12 +213,18 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             // wgmma_fence, or their writes may sink past it.
             fence_regs(acc_o);
             q_ring.wait_full(q_tiles);
+            if constexpr (kQInRegs) {
+                ldmatrix_swizzled<kBlockM>(q, sQ, warp_row0);
+                __syncwarp();
+                release_q();
+                fence_regs(q);
+            }
             k_ring.wait_full(r0);
             ptx::wgmma_fence();
             issue_s(0);
             ptx::wgmma_wait<0>();
             k_ring.release_by_warp(r0);
-            if (n_tiles == 1) release_q();
+            if (!kQInRegs && n_tiles == 1) release_q();
             softmax(0);
             if (kFoldScale && n_tiles == 1) fold_output_scale(acc_s, l_i, alpha, rp_dropout);
             if (kWaitVInSoftmax) v_ring.wait_full(r0);
@@ -217,6 +232,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             for (int t = 1; t < n_tiles; ++t) {
                 fence_regs(acc_o);
                 fence_regs(p);
+                if constexpr (kQInRegs) fence_regs(q);
                 k_ring.wait_full(r0 + t);
                 if (!kWaitVInSoftmax) v_ring.wait_full(r0 + t - 1);
                 ptx::wgmma_fence();
@@ -224,7 +240,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 issue_pv(t - 1);
                 ptx::wgmma_wait<1>();
                 k_ring.release_by_warp(r0 + t);
-                if (t == n_tiles - 1) release_q();
+                if (!kQInRegs && t == n_tiles - 1) release_q();
                 softmax(t);
                 if (kWaitVInSoftmax) v_ring.wait_full(r0 + t);
                 ptx::wgmma_wait<0>();

@@ -48,6 +48,15 @@ __device__ __forceinline__ void stmatrix_swizzled(elem_t* s, const unsigned (&a)
         ptx::stmatrix_x4(smem_u32(s + swizzled<ROWS>(r, 2 * kk + i / 2)), a[0][kk][0], a[0][kk][1], a[0][kk][2], a[0][kk][3]);
 }
 
+// Load one warp's (16, 16 KT) slice of a swizzled tile, rows row0.., as mma A fragments (the
+// inverse of stmatrix_swizzled: x4 ldmatrix kk reads the same four 8x8 matrices).
+template <int ROWS, int KT>
+__device__ __forceinline__ void ldmatrix_swizzled(unsigned (&a)[1][KT][4], const elem_t* s, int row0) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) ptx::ldmatrix_x4(a[0][kk], s + swizzled<ROWS>(row0 + lane % 16, 2 * kk + lane / 16));
+}
+
 // The same from a float32 accumulator slice, rounded.
 template <int ROWS, int DT>
 __device__ __forceinline__ void stmatrix_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
@@ -108,6 +117,15 @@ __device__ __forceinline__ void wg_gemm_abt(float (&acc)[N / 8][4], const elem_t
         ptx::Wgmma<N>::template ss<0, 0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4),
                                       b + (((kk / 4) * N * 64 + col) * 2 >> 4), kk > 0);
     }
+}
+
+// The same with A in registers (a[kk], the mma A fragments of k columns 16kk..16kk+15; e.g. Q).
+template <int N>
+__device__ __forceinline__ void wg_gemm_rs_abt(float (&acc)[N / 8][4], const unsigned (&a)[HEAD_DIM / 16][4], const elem_t* sB) {
+    const desc_t b = smem_desc(sB, 16);
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+        ptx::Wgmma<N>::template rs<0>(acc, a[kk], b + (((kk / 4) * N * 64 + (kk % 4) * 16) * 2 >> 4), kk > 0);
 }
 
 // acc (64 x HEAD_DIM) += A B over k = K: A in registers (a[kk], the mma A fragments of k
