@@ -75,8 +75,8 @@ constexpr bool kRowsEndAligned = IS_CAUSAL && kStageO;
 // (d / 4 registers), loaded once per tile of O: S then reads only K from shared memory, a fifth
 // fewer operand bytes per K/V tile, and Q's slot is free for the next tile's Q from the start
 // (+2-4% at d128; bench/NOTES.md, v2.17). At Br = 192 (160 registers) ptxas serializes the wgmma,
-// and d256 has no 64 registers to spare.
-constexpr bool kQInRegs = HEAD_DIM <= 128 && kConsumers == 2;
+// d256 has no 64 registers to spare, and with dropout the Philox registers make it 2-13% slower.
+constexpr bool kQInRegs = HEAD_DIM <= 128 && kConsumers == 2 && !IS_DROPOUT;
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
