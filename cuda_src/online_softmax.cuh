@@ -89,24 +89,36 @@ __device__ __forceinline__ float output_scale(float l, float out_scale) { return
 // lse = ln(l) + m ln 2, -inf for a row that saw no key.
 __device__ __forceinline__ float row_lse(float m, float l) { return l > 0.f ? m * kLn2 + logf(l) : neg_inf(); }
 
-// O = O * out_scale / l; lse for rows in [0, seqlen_q).
-template <int MT, int DT>
-__device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
-                                               float out_scale, float* lse_bh, int row0, int seqlen_q) {
+// lse for rows in [0, seqlen_q) (causal row blocks may start below row 0), from row sums l.
+template <int MT>
+__device__ __forceinline__ void store_lse(const float (&m)[MT][2], const float (&l)[MT][2], float* lse_bh, int row0, int seqlen_q) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const float l = row_sum(l_part[mt][hh]);
-            const float inv_l = output_scale(l, out_scale);
+            const int r = row0 + acc_row(mt, 2 * hh);
+            if (threadIdx.x % 4 == 0 && static_cast<unsigned>(r) < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l[mt][hh]);
+        }
+}
+
+// O = O * out_scale / l; lse for rows in [0, seqlen_q).
+template <int MT, int DT>
+__device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
+                                               float out_scale, float* lse_bh, int row0, int seqlen_q) {
+    float l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            l[mt][hh] = row_sum(l_part[mt][hh]);
+            const float inv_l = output_scale(l[mt][hh], out_scale);
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 o[mt][dt][2 * hh] *= inv_l;
                 o[mt][dt][2 * hh + 1] *= inv_l;
             }
-            const int r = row0 + acc_row(mt, 2 * hh);
-            if (threadIdx.x % 4 == 0 && static_cast<unsigned>(r) < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l);  // 0 <= r < seqlen_q
         }
+    store_lse(m, l, lse_bh, row0, seqlen_q);
 }
 
 // On a row block's last tile, where O is then normalised by the last P V: l becomes the row sums,
@@ -125,17 +137,5 @@ __device__ __forceinline__ void fold_output_scale(float (&p)[MT][NT][4], float (
                 p[mt][nt][2 * hh] *= inv_l;
                 p[mt][nt][2 * hh + 1] *= inv_l;
             }
-        }
-}
-
-// lse for rows < seqlen_q, from row sums l (fold_output_scale's).
-template <int MT>
-__device__ __forceinline__ void store_lse(const float (&m)[MT][2], const float (&l)[MT][2], float* lse_bh, int row0, int seqlen_q) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = row0 + acc_row(mt, 2 * hh);
-            if (threadIdx.x % 4 == 0 && r < seqlen_q) lse_bh[r] = row_lse(m[mt][hh], l[mt][hh]);
         }
 }
