@@ -6,20 +6,22 @@
 // group, Q tile of Br = BLOCK_M rows) that sees them, in KvBlockWork's order (tile_scheduler.cuh).
 // Warpgroup 0 produces: one thread copies K and V once and each Q_i, dO_i by TMA into a ring of
 // STAGES slots (a "full" mbarrier each); warp 1 copies lse2_i and D_i into the same slot (zeros
-// past seqlen_q) and arrives on a stats mbarrier. Warpgroups 1..Bc/64 consume, 64 keys each; per
-// Q tile:
+// past seqlen_q) and arrives on a stats mbarrier; warp 2 issues the dQ reductions. Warpgroups
+// 1..Bc/64 consume, 64 keys each; per Q tile:
 //   S^T = K Q_i^T, dP^T = V dO_i^T (wgmma SS) -> P^T, dS^T in registers (softmax_backward.cuh)
 //   dV += P^T dO_i (wgmma RS: P^T straight from registers); dS^T -> shared memory meanwhile
 //   once every warpgroup's dS^T rows are there: dQ_i = dS K (wgmma SS with both operands k-rows
 //   first), a 64-row block of it per dQ warpgroup (DqTile, bwd_passes.cuh), then dK += dS^T Q_i
-//   (RS); while dK's GEMM runs, the dQ block goes through shared memory to one bulk reduction
-//   (cp.reduce.async.bulk .add.f32) into the float32 accumulator; then the slot is released.
+//   (RS); while dK's GEMM runs, the dQ block goes to shared memory, from which producer warp 2
+//   adds the tile to the float32 accumulator by one bulk reduction (cp.reduce.async.bulk
+//   .add.f32); then the slot is released.
 // At d64 (Br = 128) both consumer warpgroups compute a block of dQ and meet at a barrier every
 // tile. At d128 (Br = 64: kSoloDq) warpgroup 0 computes the whole tile and warpgroup 1 only hands
 // over its dS^T rows, so it runs ahead and the two pointwise steps no longer coincide.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
-// One bulk reduction per dQ block replaces 16-32 red.global.add.v2 per thread, which cost 30-40%
-// of the kernel's time (bench/NOTES.md, v2.4, v2.5).
+// One bulk reduction per dQ tile replaces 16-32 red.global.add.v2 per thread, which cost 30-40%
+// of the kernel's time (bench/NOTES.md, v2.4, v2.5; 7-13% at d128 again in v2.17). Its issue
+// stalls the issuing thread ~470 cycles, hence a warp of its own (+5-10% at d128, v2.17).
 //
 // The grid's last num_converters CTAs convert dQ (convert_dq_of_done_heads): the block
 // scheduler reaches them once every dK/dV CTA has an SM, i.e. in the grid's last wave, whose
@@ -55,6 +57,9 @@ constexpr int kConsumerRegs = 240;
 // warpgroup 1 runs up to a tile ahead and the two pointwise steps drift apart.
 constexpr bool kSoloDq = DqTile::kWarpgroups < kConsumers;
 constexpr int kDsFull = 4, kDsFree = 6;
+// Named barriers between the dQ warpgroups and the producer's reducing warp: kDqStored (a tile's dQ
+// block is in sdQ), kDqFree (its bulk reduction has read sdQ).
+constexpr int kDqStored = 2, kDqFree = 3, kDqBarrierThreads = DqTile::kWarpgroups * 128 + 32;
 template <bool B> struct Flag { static constexpr bool value = B; };
 constexpr int kInStep = IS_CAUSAL ? 1 : 2;  // CTAs that walk their Q tiles in step (KvBlockWork's pair)
 static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
@@ -165,7 +170,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     // stats warp) on stats_ring's; the two rings share their empty barriers.
     const ptx::MbarRing<kStages> q_ring{bar_kv + 8, bar_kv + 8 * (1 + 2 * kStages)};
     const ptx::MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
-    const unsigned bar_landed = bar_kv + 8 * (1 + 3 * kStages);  // each consumer warpgroup's dQ reductions
+    const unsigned bar_landed = bar_kv + 8 * (1 + 3 * kStages);  // the dQ reductions have landed
 
     const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN,
                            kInStep);
@@ -180,7 +185,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::mbar_init(stats_ring.full(s), 32);
             ptx::mbar_init(q_ring.empty(s), kConsumerThreads);
         }
-        ptx::mbar_init(bar_landed, kConsumers);
+        ptx::mbar_init(bar_landed, kConsumers - DqTile::kWarpgroups + 1);  // the reducing warp, the other consumers
         ptx::fence_mbar_init();
     }
     __syncthreads();
@@ -219,6 +224,27 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 }
                 ptx::mbar_arrive(stats_ring.full(i));
             }
+        } else if (threadIdx.x / 32 == 2) {
+            // The reducing warp: one bulk reduction per dQ tile, so that no consumer thread waits for
+            // its issue (~470 cycles a tile at d128, in the consumer's critical path) or its reads.
+            const int lane = threadIdx.x % 32;
+            for (int i = 0; i < n_iters; ++i) {
+                ptx::named_barrier(kDqStored, kDqBarrierThreads);
+                if (lane == 0) {
+                    const int m0 = work.m_block(i) * kBlockM, head = work.head(i);
+                    ptx::bulk_reduce_add_f32(dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim), sdQ,
+                                             DqTile::kFloats * 4);
+                    ptx::bulk_commit();
+                    ptx::bulk_wait_read<0>();
+                }
+                __syncwarp();
+                if (i + 1 < n_iters) ptx::named_barrier_arrive(kDqFree, kDqBarrierThreads);
+            }
+            if (lane == 0) {
+                ptx::bulk_wait<0>();
+                ptx::fence_proxy_async_global();
+                ptx::mbar_arrive(bar_landed);
+            }
         }
         return;
     }
@@ -229,7 +255,6 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const int warp_key0 = (tid / 32) * 16;          // the warp's keys in the tile, as in the mma C layout
     const int dq_wg = kSoloDq ? 0 : wg;  // the dQ warpgroup: with kSoloDq, warpgroup 0
     const int dq_row0 = DqTile::row0(dq_wg), dq_col0 = DqTile::col0(dq_wg);  // this warpgroup's block of dQ
-    float* sdQ_wg = sdQ + dq_wg * DqTile::kWarpgroupFloats;
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 
     // The consumer warpgroup's loop and epilogue; with kDq it also computes its block of dQ.
@@ -276,10 +301,9 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::fence_proxy_async();
 
             if constexpr (kDq) {
-                // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored
-                // and (thread 0 of each warpgroup waits for it) the last bulk reduction has read
-                // sdQ. dK's GEMM is issued after it, so that it runs while the dQ block goes out.
-                if (tid % 128 == 0) ptx::bulk_wait_read<0>();
+                // dQ_i (block of this warpgroup) = dS K, once every warpgroup's dS^T rows are stored.
+                // dK's GEMM is issued after it, so that it runs while the dQ block goes to sdQ (once
+                // the last bulk reduction has read it) and is handed to the reducing warp.
                 if constexpr (kSoloDq) {
                     // dV's GEMM is done first: with dV, dQ and dK in flight, ptxas would serialize wgmma (C7512).
                     ptx::wgmma_wait<0>();
@@ -302,6 +326,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 if (kSoloDq && i + 2 < n_iters) ptx::named_barrier_arrive(kDsFree + i % 2, kConsumerThreads);
 
                 const int row_base = dq_row0 + (tid / 32) % 4 * 16;
+                if (i > 0) ptx::named_barrier(kDqFree, kDqBarrierThreads);
 #pragma unroll
                 for (int nt = 0; nt < kDqN / 8; ++nt)
 #pragma unroll
@@ -310,12 +335,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                         *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
                     }
                 ptx::fence_proxy_async();
-                ptx::named_barrier(2 + dq_wg, 128);
-                if (tid % 128 == 0) {
-                    float* gdq = dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim);
-                    ptx::bulk_reduce_add_f32(gdq + dq_wg * DqTile::kWarpgroupFloats, sdQ_wg, DqTile::kWarpgroupFloats * 4);
-                    ptx::bulk_commit();
-                }
+                ptx::named_barrier_arrive(kDqStored, kDqBarrierThreads);
             } else {
                 // Warpgroup 1 with kSoloDq: hand warpgroup 0 these dS^T rows and run ahead.
                 ptx::named_barrier_arrive(kDsFull + i % 2, kConsumerThreads);
@@ -331,11 +351,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             }
             ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
         }
-        if (tid % 128 == 0) {
-            ptx::bulk_wait<0>();
-            ptx::fence_proxy_async_global();
-            ptx::mbar_arrive(bar_landed);
-        }
+        if (!kDq && tid % 128 == 0) ptx::mbar_arrive(bar_landed);  // it adds no dQ (kSoloDq)
 
         // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
         // reads them.
