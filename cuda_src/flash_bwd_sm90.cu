@@ -21,7 +21,7 @@
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
 // One bulk reduction per dQ tile replaces 16-32 red.global.add.v2 per thread, which cost 30-40%
 // of the kernel's time (bench/NOTES.md, v2.4, v2.5; 7-13% at d128 again in v2.17). Its issue
-// stalls the issuing thread ~470 cycles, hence a warp of its own (+5-10% at d128, v2.17).
+// stalls the issuing thread ~470 cycles, hence a warp of its own (+4-10% at d128, v2.17).
 //
 // The grid's last num_converters CTAs convert dQ (convert_dq_of_done_heads): the block
 // scheduler reaches them once every dK/dV CTA has an SM, i.e. in the grid's last wave, whose
