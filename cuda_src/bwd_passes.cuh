@@ -16,10 +16,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 // pair), so that a warp stores 256 contiguous bytes to shared memory and a warpgroup's part goes
 // to global memory as one bulk reduction. Columns 8j .. 8j + 7 of a row stay 8 contiguous floats
 // (lane = 4 * (row % 8) + column % 8 / 2).
+// A tile of fewer than 64 rows (d256: Br = 32) is computed transposed, dQ^T = K^T dS^T (wgmma's M
+// is at least 64), each warpgroup 128 of its head-dim rows, and kept in the same order as dQ^T:
+// the 8 floats of a dQ row's columns 8j .. 8j + 7 then lie 8 apart.
 struct DqTile {
-    static constexpr int kRowBlocks = BLOCK_M / 64, kWarpgroups = kRowBlocks;  // a dQ warpgroup per 64 rows
-    static constexpr int kCols = HEAD_DIM;                                       // each one's columns: all
-    static constexpr int kFloats = BLOCK_M * HEAD_DIM, kWarpgroupFloats = 64 * kCols;
+    static constexpr bool kTransposed = BLOCK_M < 64;
+    static constexpr int kRows = kTransposed ? HEAD_DIM : BLOCK_M;  // as computed
+    static constexpr int kRowBlocks = kRows / 64, kWarpgroups = kTransposed ? 2 : kRowBlocks;
+    static constexpr int kCols = kTransposed ? BLOCK_M : HEAD_DIM;   // each dQ warpgroup's columns: all
+    static constexpr int kFloats = BLOCK_M * HEAD_DIM;
 
     // Tiles per (batch, head): the last one's rows past seqlen_q are scratch.
     static __device__ __forceinline__ int m_blocks(int seqlen_q) { return (seqlen_q + BLOCK_M - 1) / BLOCK_M; }
@@ -27,16 +32,35 @@ struct DqTile {
     // col0 and offset's column-block term are 0 for every dQ warpgroup. They keep this form: the
     // d64 kernel compiled from the equal, shorter formulas ran 7% slower (bench/NOTES.md, v2.15).
     static __device__ __forceinline__ int col0(int wg) { return wg / kRowBlocks * kCols; }
-    static __device__ __forceinline__ int offset(int r, int c) {
+    // Offset of element (r, c) of the tile as computed (dQ^T when kTransposed).
+    static __device__ __forceinline__ int computed_offset(int r, int c) {
         const int wg = c / kCols * kRowBlocks + r / 64, warp = r % 64 / 16, half = r % 16 / 8, nt = c % kCols / 8;
         return (((wg * 4 + warp) * (kCols / 8) + nt) * 2 + half) * 64 + r % 8 * 8 + c % 8;
     }
-    // Row and first column of chunk q of a tile: its floats 8q .. 8q + 7, which offset() places.
+    // Offset of dQ element (row r, column c).
+    static __device__ __forceinline__ int offset(int r, int c) { return kTransposed ? computed_offset(c, r) : computed_offset(r, c); }
+    // Row and first column of the 8 dQ elements that chunk q of a tile holds (load_chunk reads them).
     static __device__ __forceinline__ void chunk(int q, int& r, int& c) {
         const int half = q / 8 % 2, nt = q / 16 % (kCols / 8), warp = q / 16 / (kCols / 8) % 4;
         const int wg = q / 16 / (kCols / 8) / 4;
         r = wg % kRowBlocks * 64 + warp * 16 + half * 8 + q % 8;
         c = wg / kRowBlocks * kCols + nt * 8;
+        if (kTransposed) {
+            const int d = r - q % 8;
+            r = c + q % 8;
+            c = d;
+        }
+    }
+    // The 8 floats of chunk q of `tile`.
+    static __device__ __forceinline__ void load_chunk(const float* tile, int q, float4& a, float4& b) {
+        if (kTransposed) {
+            const float* p = tile + 8 * (q - q % 8) + q % 8;
+            a = make_float4(p[0], p[8], p[16], p[24]);
+            b = make_float4(p[32], p[40], p[48], p[56]);
+        } else {
+            a = *reinterpret_cast<const float4*>(tile + 8 * q);
+            b = *reinterpret_cast<const float4*>(tile + 8 * q + 4);
+        }
     }
 };
 #endif
@@ -150,13 +174,10 @@ flash_bwd_convert_dq_tiles(const float* __restrict__ dq_accum, const int* __rest
     const int m_blocks = DqTile::m_blocks(seqlen_q);
     for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
         if (converted[t]) continue;
-        const float4* tile = reinterpret_cast<const float4*>(dq_accum + static_cast<int64>(t) * DqTile::kFloats);
+        const float* tile = dq_accum + static_cast<int64>(t) * DqTile::kFloats;
         float4 v[kPerThread][2];
 #pragma unroll
-        for (int k = 0; k < kPerThread; ++k) {
-            v[k][0] = tile[2 * (threadIdx.x + k * 128)];
-            v[k][1] = tile[2 * (threadIdx.x + k * 128) + 1];
-        }
+        for (int k = 0; k < kPerThread; ++k) DqTile::load_chunk(tile, threadIdx.x + k * 128, v[k][0], v[k][1]);
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) out.store_chunk(t, threadIdx.x + k * 128, m_blocks, v[k][0], v[k][1]);
     }

@@ -19,6 +19,8 @@
 // tile. At d128 (Br = 64: kSoloDq) warpgroup 0 computes the whole tile and warpgroup 1 only hands
 // over its dS^T rows, so it runs ahead and the two pointwise steps no longer coincide.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
+// At d256 (Bc = 64, Br = 32: kSplitD) the consumer warpgroups split the head dim and the queries
+// instead of the keys (consume_split_d, below).
 // One bulk reduction per dQ tile replaces 16-32 red.global.add.v2 per thread, which cost 30-40%
 // of the kernel's time (bench/NOTES.md, v2.4, v2.5; 7-13% at d128 again in v2.17). Its issue
 // stalls the issuing thread ~470 cycles, hence a warp of its own (+4-10% at d128, v2.17).
@@ -43,7 +45,12 @@
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kStages = STAGES;
-constexpr int kConsumers = BLOCK_N / 64;
+// At d256 (Bc = 64, Br = 32: kSplitD) the two consumer warpgroups split the head dim instead of the
+// keys: dK and dV of all 64 keys would need 256 registers per thread in one warpgroup.
+constexpr bool kSplitD = BLOCK_N == 64;
+constexpr int kConsumers = 2;
+constexpr int kWgCols = kSplitD ? HEAD_DIM / 2 : HEAD_DIM;  // columns of dK and dV per warpgroup
+constexpr int kWgDT = kWgCols / 8;
 constexpr int kConsumerThreads = 128 * kConsumers;
 constexpr int kThreads = 128 + kConsumerThreads;
 constexpr int kQT = BLOCK_M / 8;   // n8 tiles of queries in S^T
@@ -62,12 +69,14 @@ constexpr int kDsFull = 4, kDsFree = 6;
 constexpr int kDqStored = 2, kDqFree = 3, kDqBarrierThreads = DqTile::kWarpgroups * 128 + 32;
 template <bool B> struct Flag { static constexpr bool value = B; };
 constexpr int kInStep = IS_CAUSAL ? 1 : 2;  // CTAs that walk their Q tiles in step (KvBlockWork's pair)
-static_assert(BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
-              "two consumer warpgroups; dQ blocks of whole 64-row, 64-column panels");
+static_assert(kSplitD ? BLOCK_M == 32 && kWgCols % 64 == 0 : BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
+              "two consumer warpgroups of 64 keys and dQ blocks of whole 64-row, 64-column panels, or of 64-column panels "
+              "of dK, dV and dQ^T");
 constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
 // Shared memory of a dK/dV CTA before its mbarriers (cuflash/plan.py: backward_smem_bytes).
-constexpr unsigned kSmemTiles = kKVBytes + kStages * kQdOBytes + 2 * kBlockN * kBlockM * 2 + DqTile::kFloats * 4 +
-                                kStages * 2 * kBlockM * 4;
+constexpr int kPtBuffers = kSplitD ? 2 : 0;  // P^T leaves registers only with kSplitD
+constexpr unsigned kSmemTiles = kKVBytes + kStages * kQdOBytes + (2 + kPtBuffers) * kBlockN * kBlockM * 2 +
+                                DqTile::kFloats * 4 + kStages * 2 * kBlockM * 4;
 constexpr int kConvSlots = 5;   // dQ tiles (32 KB) in flight per converter CTA
 constexpr int kConvGroup = 8;   // consecutive dQ tiles per converter turn: mostly one kv head
 static_assert(kConvSlots * (DqTile::kFloats * 4 + 8 + 16) <= kSmemTiles, "a converter's ring fits a dK/dV CTA's tiles");
@@ -126,9 +135,11 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
             const int t = slot_tile[k % kConvSlots];
             if (t < 0) return;
             const float* tile = slots + k % kConvSlots * DqTile::kFloats;
-            for (int j = threadIdx.x - 128; j < DqTile::kFloats / 8; j += kConsumerThreads)
-                out.store_chunk(t, j, m_blocks, *reinterpret_cast<const float4*>(tile + 8 * j),
-                                *reinterpret_cast<const float4*>(tile + 8 * j + 4));
+            for (int j = threadIdx.x - 128; j < DqTile::kFloats / 8; j += kConsumerThreads) {
+                float4 a, b;
+                DqTile::load_chunk(tile, j, a, b);
+                out.store_chunk(t, j, m_blocks, a, b);
+            }
             ring.release_by_warp(k);
         }
     }
@@ -162,8 +173,9 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     elem_t* sV = sK + kBlockN * HEAD_DIM;                 // (Bc, d), later dV
     elem_t* sQ = sV + kBlockN * HEAD_DIM;                 // kStages x (Br, d)
     elem_t* sdO = sQ + kStages * kBlockM * HEAD_DIM;      // kStages x (Br, d)
-    elem_t* sdSt = sdO + kStages * kBlockM * HEAD_DIM;    // 2 x (Bc, Br)
-    float* sdQ = reinterpret_cast<float*>(sdSt + 2 * kBlockN * kBlockM);   // a DqTile
+    elem_t* sdSt = sdO + kStages * kBlockM * HEAD_DIM;    // 2 x (Bc, Br); with kSplitD 2 x dS (Br, Bc)
+    elem_t* sP = sdSt + 2 * kBlockN * kBlockM;            // kPtBuffers x P (Br, Bc)
+    float* sdQ = reinterpret_cast<float*>(sP + kPtBuffers * kBlockN * kBlockM);   // a DqTile
     float* sStats = sdQ + DqTile::kFloats;                                  // kStages x (lse2, D) x Br
     const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
     // Q_i and dO_i land on q_ring's full barrier, lse2_i and D_i (written by the producer's
@@ -252,11 +264,111 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     if constexpr (!kSoloDq) ptx::setmaxnreg_inc<kConsumerRegs>();  // else in each role's branch, below
     const int tid = threadIdx.x - 128;
     const int wg = tid / 128;
-    const int warp_key0 = (tid / 32) * 16;          // the warp's keys in the tile, as in the mma C layout
-    const int dq_wg = kSoloDq ? 0 : wg;  // the dQ warpgroup: with kSoloDq, warpgroup 0
-    const int dq_row0 = DqTile::row0(dq_wg), dq_col0 = DqTile::col0(dq_wg);  // this warpgroup's block of dQ
+    const int warp_key0 = (kSplitD ? tid / 32 % 4 : tid / 32) * 16;  // the warp's keys in the tile, as in the mma C layout
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 
+    // dK = scale * acc_dk, dV = rp_dropout * acc_dv (the warpgroup's keys and columns), staged
+    // through sK and sV once no warpgroup reads them.
+    auto store_dk_dv = [&](float (&acc_dk)[1][kWgDT][4], float (&acc_dv)[1][kWgDT][4]) {
+#pragma unroll
+        for (int dt = 0; dt < kWgDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc_dk[0][dt][e] *= scale;
+                acc_dv[0][dt][e] *= rp_dropout;
+            }
+        const int panel0 = kSplitD ? wg * kWgCols / 64 : 0;
+        ptx::named_barrier(1, kConsumerThreads);
+        stmatrix_acc_swizzled<kBlockN>(sK + panel0 * kBlockN * 64, acc_dk, warp_key0);
+        stmatrix_acc_swizzled<kBlockN>(sV + panel0 * kBlockN * 64, acc_dv, warp_key0);
+        ptx::named_barrier(1, kConsumerThreads);
+        store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
+                                                       sK, dk_row_stride, seqlen_k - n0, head_dim, tid);
+        store_tile_swizzled<kBlockN, kConsumerThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
+                                                       sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
+    };
+
+#if BLOCK_N == 64  // kSplitD: only one consumer loop is compiled, for each names shapes the other's layout lacks
+    // kSplitD: warpgroup wg computes S^T and dP^T of queries 16 wg .. + 16 and all 64 keys, then
+    // P^T and dS^T go to shared memory, stored transposed as P and dS, (Br, Bc) tiles of whole
+    // 128-byte rows that wgmma reads M-major as A (P^T, dS^T) or K-major as B (dS^T): no operand is
+    // 32 columns wide, which no 128-byte swizzle panel describes read N-major. Once both halves are
+    // there, over its own kWgCols columns of the head dim: dQ^T = K^T dS^T (DqTile::kTransposed),
+    // dV += P^T dO_i and dK += dS^T Q_i, all from shared memory. The two warpgroups meet at a
+    // barrier every tile; P and dS have two buffers, so one warpgroup writes tile i+1's while the
+    // other still reads tile i's.
+    auto consume_split_d = [&]() {
+        constexpr int kQueries = kBlockM / 2, kPanels = kWgCols / 64;
+        const int query0 = wg * kQueries, panel0 = wg * kPanels;
+        float acc_dk[1][kWgDT][4], acc_dv[1][kWgDT][4];
+        zero(acc_dk);
+        zero(acc_dv);
+        if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
+        for (int i = 0; i < n_iters; ++i) {
+            const int head = work.head(i), m0 = work.m_block(i) * kBlockM;
+            const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
+            const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
+            const float* stats = sStats + (i % kStages) * 2 * kBlockM;
+            elem_t* sPi = sP + (i % 2) * kBlockN * kBlockM;
+            elem_t* sdSi = sdSt + (i % 2) * kBlockN * kBlockM;
+
+            float acc_s[1][kQueries / 8][4], acc_dp[1][kQueries / 8][4];
+            fence_regs(acc_dk);
+            fence_regs(acc_dv);
+            q_ring.wait_full(i);
+            stats_ring.wait_full(i);
+            ptx::wgmma_fence();
+            wg_gemm_abt<kQueries, kBlockN, kBlockM>(acc_s[0], sK, sQi + query0 * 64);
+            wg_gemm_abt<kQueries, kBlockN, kBlockM>(acc_dp[0], sV, sdOi + query0 * 64);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            fence_regs(acc_s);
+            fence_regs(acc_dp);
+            softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, query0, m0, n0, seqlen_k, diag,
+                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
+            unsigned pt[1][kQueries / 16][4], dst[1][kQueries / 16][4];
+            acc_to_a_frags(pt, acc_s);
+            acc_to_a_frags(dst, acc_dp);
+            stmatrix_t_swizzled<kBlockM>(sPi, pt, warp_key0, query0);
+            stmatrix_t_swizzled<kBlockM>(sdSi, dst, warp_key0, query0);
+            ptx::fence_proxy_async();
+            ptx::named_barrier(1, kConsumerThreads);
+
+            float acc_dqt[kPanels][kBlockM / 8][4];
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p) wg_gemm_mk<kBlockM, kBlockN>(acc_dqt[p], sK + (panel0 + p) * kBlockN * 64, sdSi);
+            ptx::wgmma_commit();
+            wg_gemm_kk<kWgCols, kBlockM, kBlockM, true>(acc_dv[0], sPi, sdOi + panel0 * kBlockM * 64);
+            wg_gemm_kk<kWgCols, kBlockM, kBlockM, true>(acc_dk[0], sdSi, sQi + panel0 * kBlockM * 64);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<1>();
+            fence_regs(acc_dqt);
+
+            // dQ^T to sdQ once the last bulk reduction has read it, then to the reducing warp.
+            if (i > 0) ptx::named_barrier(kDqFree, kDqBarrierThreads);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p)
+#pragma unroll
+                for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int col = (panel0 + p) * 64 + warp_key0 + acc_row(0, 2 * hh), row = acc_col(nt, 0);
+                        *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dqt[p][nt][2 * hh], acc_dqt[p][nt][2 * hh + 1]);
+                    }
+            ptx::fence_proxy_async();
+            ptx::named_barrier_arrive(kDqStored, kDqBarrierThreads);
+            ptx::wgmma_wait<0>();
+            fence_regs(acc_dk);
+            fence_regs(acc_dv);
+            ptx::mbar_arrive(q_ring.empty(i));
+        }
+        store_dk_dv(acc_dk, acc_dv);
+    };
+    consume_split_d();
+#else
+    const int dq_wg = kSoloDq ? 0 : wg;  // the dQ warpgroup: with kSoloDq, warpgroup 0
+    const int dq_row0 = DqTile::row0(dq_wg), dq_col0 = DqTile::col0(dq_wg);  // this warpgroup's block of dQ
     // The consumer warpgroup's loop and epilogue; with kDq it also computes its block of dQ.
     auto consume = [&](auto computes_dq) {
         constexpr bool kDq = decltype(computes_dq)::value;
@@ -352,25 +464,9 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
         }
         if (!kDq && tid % 128 == 0) ptx::mbar_arrive(bar_landed);  // it adds no dQ (kSoloDq)
-
-        // dK = scale * acc_dk, dV = rp_dropout * acc_dv, staged through sK and sV once no warpgroup
-        // reads them.
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                acc_dk[0][dt][e] *= scale;
-                acc_dv[0][dt][e] *= rp_dropout;
-            }
-        ptx::named_barrier(1, kConsumerThreads);
-        stmatrix_acc_swizzled<kBlockN>(sK, acc_dk, warp_key0);
-        stmatrix_acc_swizzled<kBlockN>(sV, acc_dv, warp_key0);
-        ptx::named_barrier(1, kConsumerThreads);
-        store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
-                                                       sK, dk_row_stride, seqlen_k - n0, head_dim, tid);
-        store_tile_swizzled<kBlockN, kConsumerThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
-                                                       sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
+        store_dk_dv(acc_dk, acc_dv);
     };
+
     if constexpr (kSoloDq) {
         // setmaxnreg in each branch: ptxas then allocates the two copies of the loop apart (4 bytes
         // of spills at d128 against 112 with one setmaxnreg before the branch).
@@ -384,4 +480,5 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     } else {
         consume(Flag<true>{});
     }
+#endif
 }

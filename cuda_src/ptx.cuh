@@ -171,6 +171,13 @@ __device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned
                  :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
 }
 
+// The same, each matrix transposed: register i's row lane / 4 becomes column lane / 4 of
+// matrix i in memory.
+__device__ __forceinline__ void stmatrix_x4_trans(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+
 // Add `bytes` (a multiple of 16) of float32 from shared to global memory, both 16-byte aligned,
 // asynchronously; the copy joins this thread's current bulk group.
 __device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem, unsigned bytes) {
@@ -231,7 +238,11 @@ __device__ __forceinline__ void fence_reg(unsigned& r) { asm volatile("" : "+r"(
 
 // Accumulator operands of wgmma m64nNk16: n8 tile j of d[N / 8][4], 4 registers in the mma C layout.
 #define WG_ACC(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
-#define WG_ACC8(j) WG_ACC(j), WG_ACC(j + 1), WG_ACC(j + 2), WG_ACC(j + 3), WG_ACC(j + 4), WG_ACC(j + 5), WG_ACC(j + 6), WG_ACC(j + 7)
+#define WG_ACC2(j) WG_ACC(j), WG_ACC(j + 1)
+#define WG_ACC4(j) WG_ACC2(j), WG_ACC2(j + 2)
+#define WG_ACC8(j) WG_ACC4(j), WG_ACC4(j + 4)
+#define WG_D8 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define WG_D16 WG_D8 ", %8, %9, %10, %11, %12, %13, %14, %15"
 #define WG_D32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define WG_D64 WG_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define WG_D128 WG_D64 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
@@ -243,6 +254,24 @@ __device__ __forceinline__ void fence_reg(unsigned& r) { asm volatile("" : "+r"(
 // N-major ((k, n) rows), 0 K-major ((n, k) rows).
 template <int N> struct Wgmma;
 
+template <> struct Wgmma<16> {
+    template <int TRANS_A, int TRANS_B>
+    static __device__ __forceinline__ void ss(float (&d)[2][4], unsigned long long a, unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n16k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D8 "}, %8, %9, p, 1, 1, %11, %12;\n}\n"
+                     : WG_ACC2(0)
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B) : "memory");
+    }
+};
+template <> struct Wgmma<32> {
+    template <int TRANS_A, int TRANS_B>
+    static __device__ __forceinline__ void ss(float (&d)[4][4], unsigned long long a, unsigned long long b, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D16 "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+                     : WG_ACC4(0)
+                     : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B) : "memory");
+    }
+};
 template <> struct Wgmma<64> {
     template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[8][4], unsigned long long a, unsigned long long b, int scale_d) {

@@ -57,6 +57,19 @@ __device__ __forceinline__ void ldmatrix_swizzled(unsigned (&a)[1][KT][4], const
     for (int kk = 0; kk < KT; ++kk) ptx::ldmatrix_x4(a[0][kk], s + swizzled<ROWS>(row0 + lane % 16, 2 * kk + lane / 16));
 }
 
+// Store one warp's (16, 16 KT) slice of A fragments, rows row0.., transposed into a swizzled
+// tile: fragment rows become columns row0.. of the tile's rows col0 + 16 kk.. (x4 stmatrix.trans
+// kk writes matrix i at tile rows col0 + 16 kk + 8 (i / 2).., chunk row0 / 8 + i % 2).
+template <int ROWS, int KT>
+__device__ __forceinline__ void stmatrix_t_swizzled(elem_t* s, const unsigned (&a)[1][KT][4], int row0, int col0) {
+    const int lane = threadIdx.x % 32, i = lane / 8;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+        const int r = col0 + 16 * kk + (i / 2) * 8 + lane % 8;
+        ptx::stmatrix_x4_trans(smem_u32(s + swizzled<ROWS>(r, row0 / 8 + i % 2)), a[0][kk][0], a[0][kk][1], a[0][kk][2], a[0][kk][3]);
+    }
+}
+
 // The same from a float32 accumulator slice, rounded.
 template <int ROWS, int DT>
 __device__ __forceinline__ void stmatrix_acc_swizzled(elem_t* s, const float (&acc)[1][DT][4], int row0) {
@@ -106,16 +119,16 @@ __device__ __forceinline__ desc_t smem_desc(const elem_t* p, unsigned lbo) {
 }
 
 // acc (64 x N) = A B^T over k = HEAD_DIM, both K-major swizzled tiles (S = Q K^T): sA points at
-// the warpgroup's first row of a ROWS_A-row tile, sB at row 0 of an N-row tile. A k step of 16
-// is 32 bytes along a 128-byte row, then the next panel.
-template <int N, int ROWS_A>
+// the warpgroup's first row of a ROWS_A-row tile, sB at the first of N rows (a multiple of 8) of
+// a ROWS_B-row tile. A k step of 16 is 32 bytes along a 128-byte row, then the next panel.
+template <int N, int ROWS_A, int ROWS_B = N>
 __device__ __forceinline__ void wg_gemm_abt(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
     const desc_t a = smem_desc(sA, 16), b = smem_desc(sB, 16);
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
         const int col = (kk % 4) * 16;
         ptx::Wgmma<N>::template ss<0, 0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4),
-                                      b + (((kk / 4) * N * 64 + col) * 2 >> 4), kk > 0);
+                                      b + (((kk / 4) * ROWS_B * 64 + col) * 2 >> 4), kk > 0);
     }
 }
 
@@ -138,15 +151,26 @@ __device__ __forceinline__ void wg_gemm_rs(float (&acc)[HEAD_DIM / 8][4], const 
     for (int kk = 0; kk < K / 16; ++kk) ptx::Wgmma<HEAD_DIM>::template rs<1>(acc, a[kk], b + (kk * 2048 >> 4), 1);
 }
 
-// acc (64 x N) = A B over k = K with both operands stored k-rows first (dQ = dS K from dS^T and
-// K): sA points at the 64-column panel of A's m block in a swizzled (K, .) tile, sB at the first
-// panel of B's n block in a swizzled (ROWS_B, .) tile.
-template <int N, int K, int ROWS_B>
+// acc (64 x N) = A B (+= with ACCUMULATE) over k = K with both operands stored k-rows first
+// (dQ = dS K from dS^T and K): sA points at the 64-column panel of A's m block in a swizzled
+// (K, .) tile, sB at the first panel of B's n block in a swizzled (ROWS_B, .) tile.
+template <int N, int K, int ROWS_B, bool ACCUMULATE = false>
 __device__ __forceinline__ void wg_gemm_kk(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
     const desc_t a = smem_desc(sA, K * 128), b = smem_desc(sB, ROWS_B * 128);
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk)
-        ptx::Wgmma<N>::template ss<1, 1>(acc, a + (kk * 2048 >> 4), b + (kk * 2048 >> 4), kk > 0);
+        ptx::Wgmma<N>::template ss<1, 1>(acc, a + (kk * 2048 >> 4), b + (kk * 2048 >> 4), ACCUMULATE || kk > 0);
+}
+
+// acc (64 x N) = A B over k = K <= 64 with A stored k-rows first and B n-rows first (dQ^T = K^T
+// dS^T from K and dS): sA points at the 64-column panel of A's m block in a swizzled (K, .)
+// tile, sB at row 0 of a swizzled (N, K) panel.
+template <int N, int K>
+__device__ __forceinline__ void wg_gemm_mk(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
+    const desc_t a = smem_desc(sA, K * 128), b = smem_desc(sB, 16);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+        ptx::Wgmma<N>::template ss<1, 0>(acc, a + (kk * 2048 >> 4), b + (kk * 32 >> 4), kk > 0);
 }
 
 // Pin every register of an accumulator or fragment array (see ptx::fence_reg).

@@ -282,8 +282,10 @@ def _grid_ok(rows, cols, wm, warps):
 @dataclass(frozen=True)
 class HopperBwdTile:
     """Tiles of the sm_90a dK/dV kernel (cuda_src/flash_bwd_sm90.cu): a producer warpgroup and two
-    consumer warpgroups own block_n = 128 keys (64 each) and walk Q tiles of block_m rows, Q and
-    dO in a ring of `stages` slots. dQ tiles are added in whatever order the CTAs reach them (bulk
+    consumer warpgroups own block_n keys and walk Q tiles of block_m rows, Q and dO in a ring of
+    `stages` slots. With block_n = 128 each consumer warpgroup owns 64 keys; with block_n = 64
+    (block_m = 32) the two split the head dim instead, for d256, whose dK and dV would need 256
+    registers per thread. dQ tiles are added in whatever order the CTAs reach them (bulk
     reductions), so deterministic runs stay portable."""
 
     block_m: int
@@ -291,20 +293,30 @@ class HopperBwdTile:
     stages: int = 2
 
     def check(self, bucket):
-        if self.block_n != 128:
-            raise ValueError(f"tile: block_n={self.block_n} must be 128 (two consumer warpgroups of 64 keys)")
-        if self.block_m not in (64, 128):
-            raise ValueError(f"tile: block_m={self.block_m} must be 64 or 128 (wgmma n of S^T)")
         if bucket not in HOPPER_BWD_HEAD_DIMS:
             raise ValueError(f"head-dim bucket {bucket} has no sm_90a backward (those are {HOPPER_BWD_HEAD_DIMS})")
-        if (bucket * self.block_m // 64) // (self.block_n // 64) % 64:
-            raise ValueError(f"tile: block_m={self.block_m} at d={bucket} cuts dQ into blocks narrower than 64 columns")
+        if self.block_n == 64:
+            if self.block_m != 32:
+                raise ValueError(f"tile: block_m={self.block_m} must be 32 with block_n=64 (warpgroups that split d)")
+            if bucket % 128:
+                raise ValueError(f"tile: block_n=64 at d={bucket} splits d into halves that are not whole 64-column panels")
+        elif self.block_n == 128:
+            if self.block_m not in (64, 128):
+                raise ValueError(f"tile: block_m={self.block_m} must be 64 or 128 (wgmma n of S^T)")
+            if bucket > 128:
+                raise ValueError(f"tile: block_n=128 at d={bucket} needs {bucket} registers per thread for dK and dV; "
+                                 "block_n=64 splits d instead")
+            if (bucket * self.block_m // 64) // (self.block_n // 64) % 64:
+                raise ValueError(f"tile: block_m={self.block_m} at d={bucket} cuts dQ into blocks narrower than 64 columns")
+        else:
+            raise ValueError(f"tile: block_n={self.block_n} must be 128 (two consumer warpgroups of 64 keys) or 64 "
+                             "(two that split d)")
         if not 2 <= self.stages <= 4:
             raise ValueError(f"tile: stages={self.stages} must be 2 to 4")
 
     @property
     def threads(self):
-        return 128 * (self.block_n // 64 + 1)
+        return 3 * 128
 
 
 @dataclass(frozen=True)
@@ -335,21 +347,24 @@ BWD_TILES = {
 
 
 # The sm_90a dK/dV kernel, picked on compute capability 9.0 (deterministic=False) for these
-# buckets. Registers per consumer thread: dK and dV take d each, S^T and dP^T block_m / 2 each.
+# buckets. Registers per consumer thread: dK and dV take d each (d / 2 at d256), S^T and dP^T
+# block_m / 2 each (block_m / 4 at d256).
 HOPPER_BWD_TILES = {
     64: HopperBwdTile(128),   # 195 KB; each warpgroup adds a 64-row block of dQ
     128: HopperBwdTile(64),   # 194 KB; one warpgroup adds the whole 64-row dQ block (kSoloDq)
+    256: HopperBwdTile(32, 64),  # 178 KB; dQ^T (d, 32) from two m64n32 GEMMs per warpgroup
 }
 HOPPER_BWD_HEAD_DIMS = tuple(HOPPER_BWD_TILES)
 
 
 def backward_smem_bytes(head_dim, tile):
     """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered.
-    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers; the float32 dQ tile;
-    lse2 and D per slot; mbarriers; 1 KB of alignment slack."""
+    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers (and two of P^T with
+    block_n = 64); the float32 dQ tile; lse2 and D per slot; mbarriers; 1 KB of alignment slack."""
     if isinstance(tile, HopperBwdTile):
+        st_buffers = 4 if tile.block_n == 64 else 2
         return (2 * tile.block_n * head_dim * 2 + 2 * tile.stages * tile.block_m * head_dim * 2
-                + 2 * tile.block_n * tile.block_m * 2 + tile.block_m * head_dim * 4
+                + st_buffers * tile.block_n * tile.block_m * 2 + tile.block_m * head_dim * 4
                 + tile.stages * 2 * tile.block_m * 4 + HOPPER_SMEM_SLACK)
     pitch_bytes = (head_dim + 8) * 2
     return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes

@@ -60,7 +60,7 @@ def test_backward_fuzz(path, p):
 
 
 @pytest.mark.parametrize("path", FAMILIES)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 239, 1), (1, 1, 239), (1, 3000, 2999), (2, 77, 1500)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_edge_shapes(shape, causal, head_dim, path):
@@ -70,7 +70,7 @@ def test_backward_edge_shapes(shape, causal, head_dim, path):
 
 
 @pytest.mark.parametrize("converters", [0, 1, 3])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_dq_converter_ctas(converters, head_dim, causal, monkeypatch):
     """The sm_90a backward's CTAs that convert dQ tiles as their heads finish: none (the last pass

@@ -290,14 +290,14 @@ def test_backward_tile_check_rejects_bad_tiles(tile):
 @pytest.mark.parametrize("bucket", plan.HEAD_DIM_BUCKETS)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_hopper_backward_dispatch(bucket, deterministic):
-    """On compute capability 9.0 the non-deterministic backward of d 64 and 128 gets the sm_90a
+    """On compute capability 9.0 the non-deterministic backward of d 64, 128 and 256 gets the sm_90a
     dK/dV kernel (dQ by bulk reductions); everything else stays portable; CI compiles the pick."""
     variant = plan.backward_variant("float16", bucket, False, deterministic, smem_limit=H100_SMEM_OPTIN, hopper=True)
     assert plan.is_hopper(variant) == (bucket in plan.HOPPER_BWD_HEAD_DIMS and not deterministic)
     assert variant in plan.backward_variants()
 
 
-@pytest.mark.parametrize("head_dim, seqlen_q", [(64, 1), (64, 128), (40, 129), (128, 1000), (120, 64)])
+@pytest.mark.parametrize("head_dim, seqlen_q", [(64, 1), (64, 128), (40, 129), (128, 1000), (120, 64), (256, 33), (240, 96)])
 def test_dq_accum_shape(head_dim, seqlen_q):
     """The sm_90a backward's accumulator holds whole (block_m, bucket) tiles; the portable one
     is exactly (seqlen_q, head_dim) per head."""
@@ -329,9 +329,12 @@ def test_hopper_backward_tile_refuses_deterministic():
 
 
 @pytest.mark.parametrize("tile, bucket, message", [
-    (HopperBwdTile(64, 64), 128, "block_n"),
+    (HopperBwdTile(64, 96), 128, "block_n"),
+    (HopperBwdTile(64, 64), 256, "block_m"),    # warpgroups that split d take Q tiles of 32 rows
     (HopperBwdTile(32), 128, "block_m"),
-    (HopperBwdTile(64), 256, "bucket"),
+    (HopperBwdTile(64), 256, "registers"),      # dK and dV of 64 keys at d256: 256 per thread
+    (HopperBwdTile(32, 64), 64, "panels"),      # d64 split in two: 32-column halves
+    (HopperBwdTile(64), 96, "bucket"),
     (HopperBwdTile(64), 64, "dQ"),          # 64 rows x d64 over two warpgroups: 32-column blocks
     (HopperBwdTile(64, stages=5), 128, "stages"),
 ], ids=str)
