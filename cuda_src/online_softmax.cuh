@@ -105,19 +105,15 @@ __device__ __forceinline__ void store_lse(const float (&m)[MT][2], const float (
 template <int MT, int DT>
 __device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
                                                float out_scale, float* lse_bh, int row0, int seqlen_q) {
-    float l[MT][2];
+    float l[MT][2], inv_l[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             l[mt][hh] = row_sum(l_part[mt][hh]);
-            const float inv_l = output_scale(l[mt][hh], out_scale);
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[mt][dt][2 * hh] *= inv_l;
-                o[mt][dt][2 * hh + 1] *= inv_l;
-            }
+            inv_l[mt][hh] = output_scale(l[mt][hh], out_scale);
         }
+    rescale_rows(o, inv_l);
     store_lse(m, l, lse_bh, row0, seqlen_q);
 }
 
@@ -125,17 +121,14 @@ __device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const floa
 // and alpha and P take out_scale / l.
 template <int MT, int NT>
 __device__ __forceinline__ void fold_output_scale(float (&p)[MT][NT][4], float (&l)[MT][2], float (&alpha)[MT][2], float out_scale) {
+    float inv_l[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             l[mt][hh] = row_sum(l[mt][hh]);
-            const float inv_l = output_scale(l[mt][hh], out_scale);
-            alpha[mt][hh] *= inv_l;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                p[mt][nt][2 * hh] *= inv_l;
-                p[mt][nt][2 * hh + 1] *= inv_l;
-            }
+            inv_l[mt][hh] = output_scale(l[mt][hh], out_scale);
+            alpha[mt][hh] *= inv_l[mt][hh];
         }
+    rescale_rows(p, inv_l);
 }
