@@ -101,7 +101,7 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
     if (threadIdx.x == 0) {
         for (int s = 0; s < kConvSlots; ++s) {
             ptx::mbar_init(ring.full(s), 1);
-            ptx::mbar_init(ring.empty(s), kConsumerThreads / 32);
+            ptx::mbar_init(ring.empty(s), kConsumerThreads);
         }
         ptx::fence_mbar_init();
     }
@@ -140,7 +140,7 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
                 DqTile::load_chunk(tile, j, a, b);
                 out.store_chunk(t, j, m_blocks, a, b);
             }
-            ring.release_by_warp(k);
+            ptx::mbar_arrive(ring.empty(k));  // by every thread, each after its own reads of the slot and slot_tile
         }
     }
 }
