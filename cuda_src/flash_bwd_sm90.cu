@@ -75,8 +75,10 @@ static_assert(kSplitD ? BLOCK_M == 32 && kWgCols % 64 == 0 : BLOCK_N == 128 && B
 constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
 // Shared memory of a dK/dV CTA before its mbarriers (cuflash/plan.py: backward_smem_bytes).
 constexpr int kPtBuffers = kSplitD ? 2 : 0;  // P^T leaves registers only with kSplitD
+constexpr int kPxFloats = kSplitD ? kBlockN * kBlockM : 0;  // kSplitD: P^T handed from warpgroup 0 to 1
+constexpr int kPReady = 8;  // kSplitD: named barrier, warpgroup 0's P^T is in sPx
 constexpr unsigned kSmemTiles = kKVBytes + kStages * kQdOBytes + (2 + kPtBuffers) * kBlockN * kBlockM * 2 +
-                                DqTile::kFloats * 4 + kStages * 2 * kBlockM * 4;
+                                kPxFloats * 4 + DqTile::kFloats * 4 + kStages * 2 * kBlockM * 4;
 constexpr int kConvSlots = 5;   // dQ tiles (32 KB) in flight per converter CTA
 constexpr int kConvGroup = 8;   // consecutive dQ tiles per converter turn: mostly one kv head
 static_assert(kConvSlots * (DqTile::kFloats * 4 + 8 + 16) <= kSmemTiles, "a converter's ring fits a dK/dV CTA's tiles");
@@ -175,7 +177,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     elem_t* sdO = sQ + kStages * kBlockM * HEAD_DIM;      // kStages x (Br, d)
     elem_t* sdSt = sdO + kStages * kBlockM * HEAD_DIM;    // 2 x (Bc, Br); with kSplitD 2 x dS (Br, Bc)
     elem_t* sP = sdSt + 2 * kBlockN * kBlockM;            // kPtBuffers x P (Br, Bc)
-    float* sdQ = reinterpret_cast<float*>(sP + kPtBuffers * kBlockN * kBlockM);   // a DqTile
+    float* sPx = reinterpret_cast<float*>(sP + kPtBuffers * kBlockN * kBlockM);   // kPxFloats
+    float* sdQ = sPx + kPxFloats;                                                // a DqTile
     float* sStats = sdQ + DqTile::kFloats;                                  // kStages x (lse2, D) x Br
     const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
     // Q_i and dO_i land on q_ring's full barrier, lse2_i and D_i (written by the producer's
@@ -267,6 +270,17 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const int warp_key0 = (kSplitD ? tid / 32 % 4 : tid / 32) * 16;  // the warp's keys in the tile, as in the mma C layout
     const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
 
+    // Tile i of the CTA's walk: its query head and first row, its Q and dO slots, its lse2 and D.
+    struct QTile {
+        int head, m0;
+        const elem_t *q, *dout;
+        const float* stats;
+    };
+    auto q_tile = [&](int i) {
+        return QTile{work.head(i), work.m_block(i) * kBlockM, sQ + (i % kStages) * kBlockM * HEAD_DIM,
+                     sdO + (i % kStages) * kBlockM * HEAD_DIM, sStats + (i % kStages) * 2 * kBlockM};
+    };
+
     // dK = scale * acc_dk, dV = rp_dropout * acc_dv (the warpgroup's keys and columns), staged
     // through sK and sV once no warpgroup reads them.
     auto store_dk_dv = [&](float (&acc_dk)[1][kWgDT][4], float (&acc_dv)[1][kWgDT][4]) {
@@ -289,48 +303,62 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     };
 
 #if BLOCK_N == 64  // kSplitD: only one consumer loop is compiled, for each names shapes the other's layout lacks
-    // kSplitD: warpgroup wg computes S^T and dP^T of queries 16 wg .. + 16 and all 64 keys, then
-    // P^T and dS^T go to shared memory, stored transposed as P and dS, (Br, Bc) tiles of whole
-    // 128-byte rows that wgmma reads M-major as A (P^T, dS^T) or K-major as B (dS^T): no operand is
-    // 32 columns wide, which no 128-byte swizzle panel describes read N-major. Once both halves are
-    // there, over its own kWgCols columns of the head dim: dQ^T = K^T dS^T (DqTile::kTransposed),
-    // dV += P^T dO_i and dK += dS^T Q_i, all from shared memory. The two warpgroups meet at a
-    // barrier every tile; P and dS have two buffers, so one warpgroup writes tile i+1's while the
-    // other still reads tile i's.
+    // kSplitD: warpgroup 0 computes S^T = K Q_i^T and P^T, warpgroup 1 dP^T = V dO_i^T and, from
+    // warpgroup 0's P^T (handed over in float32 through sPx), dS^T: both m64n32 over all 64 keys
+    // and 32 queries, so that each reads only one of K and V (split by queries, each would read both:
+    // 1.6x the operand bytes of S^T and dP^T). P^T and dS^T go to shared memory, stored transposed as
+    // P and dS, (Br, Bc) tiles of whole 128-byte rows that wgmma reads M-major as A (P^T, dS^T) or
+    // K-major as B (dS^T): no operand is 32 columns wide, which no 128-byte swizzle panel describes
+    // read N-major. Then each warpgroup, over its own kWgCols columns of the head dim: dQ^T = K^T
+    // dS^T (DqTile::kTransposed), dV += P^T dO_i and dK += dS^T Q_i, all from shared memory. The two
+    // warpgroups meet at a barrier every tile; P and dS have two buffers, so one warpgroup writes
+    // tile i+1's while the other still reads tile i's.
     auto consume_split_d = [&]() {
-        constexpr int kQueries = kBlockM / 2, kPanels = kWgCols / 64;
-        const int query0 = wg * kQueries, panel0 = wg * kPanels;
+        constexpr int kPanels = kWgCols / 64;
+        const int panel0 = wg * kPanels;
         float acc_dk[1][kWgDT][4], acc_dv[1][kWgDT][4];
         zero(acc_dk);
         zero(acc_dv);
+        float4* px = reinterpret_cast<float4*>(sPx) + tid % 128;  // this thread's P^T, 4 float4 128 apart
         if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
         for (int i = 0; i < n_iters; ++i) {
-            const int head = work.head(i), m0 = work.m_block(i) * kBlockM;
-            const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
-            const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
-            const float* stats = sStats + (i % kStages) * 2 * kBlockM;
+            const auto [head, m0, sQi, sdOi, stats] = q_tile(i);
             elem_t* sPi = sP + (i % 2) * kBlockN * kBlockM;
             elem_t* sdSi = sdSt + (i % 2) * kBlockN * kBlockM;
 
-            float acc_s[1][kQueries / 8][4], acc_dp[1][kQueries / 8][4];
+            float acc_x[1][kBlockM / 8][4];  // S^T (warpgroup 0), dP^T (warpgroup 1)
             fence_regs(acc_dk);
             fence_regs(acc_dv);
             q_ring.wait_full(i);
             stats_ring.wait_full(i);
             ptx::wgmma_fence();
-            wg_gemm_abt<kQueries, kBlockN, kBlockM>(acc_s[0], sK, sQi + query0 * 64);
-            wg_gemm_abt<kQueries, kBlockN, kBlockM>(acc_dp[0], sV, sdOi + query0 * 64);
+            wg_gemm_abt<kBlockM, kBlockN>(acc_x[0], wg == 0 ? sK : sV, wg == 0 ? sQi : sdOi);
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
-            fence_regs(acc_s);
-            fence_regs(acc_dp);
-            softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, query0, m0, n0, seqlen_k, diag,
-                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
-            unsigned pt[1][kQueries / 16][4], dst[1][kQueries / 16][4];
-            acc_to_a_frags(pt, acc_s);
-            acc_to_a_frags(dst, acc_dp);
-            stmatrix_t_swizzled<kBlockM>(sPi, pt, warp_key0, query0);
-            stmatrix_t_swizzled<kBlockM>(sdSi, dst, warp_key0, query0);
+            fence_regs(acc_x);
+            float signed_p[1][kBlockM / 8][4];
+            if (wg == 0) {
+                probs(acc_x, signed_p, stats, warp_key0, 0, m0, n0, seqlen_k, diag, tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag),
+                      rng, batch * num_heads + head, scale_log2);
+#pragma unroll
+                for (int nt = 0; nt < kBlockM / 8; ++nt)
+                    px[nt * 128] = make_float4(signed_p[0][nt][0], signed_p[0][nt][1], signed_p[0][nt][2], signed_p[0][nt][3]);
+                ptx::named_barrier_arrive(kPReady, kConsumerThreads);
+            } else {
+                ptx::named_barrier(kPReady, kConsumerThreads);
+#pragma unroll
+                for (int nt = 0; nt < kBlockM / 8; ++nt) {
+                    const float4 v = px[nt * 128];
+                    signed_p[0][nt][0] = v.x;
+                    signed_p[0][nt][1] = v.y;
+                    signed_p[0][nt][2] = v.z;
+                    signed_p[0][nt][3] = v.w;
+                }
+                dscores_tile(acc_x, signed_p, stats + kBlockM, 0);
+            }
+            unsigned frags[1][kBlockM / 16][4];
+            acc_to_a_frags(frags, acc_x);
+            stmatrix_t_swizzled<kBlockM>(wg == 0 ? sPi : sdSi, frags, warp_key0, 0);
             ptx::fence_proxy_async();
             ptx::named_barrier(1, kConsumerThreads);
 
@@ -377,10 +405,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         zero(acc_dv);
         if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
         for (int i = 0; i < n_iters; ++i) {
-            const int head = work.head(i), m0 = work.m_block(i) * kBlockM;
-            const elem_t* sQi = sQ + (i % kStages) * kBlockM * HEAD_DIM;
-            const elem_t* sdOi = sdO + (i % kStages) * kBlockM * HEAD_DIM;
-            const float* stats = sStats + (i % kStages) * 2 * kBlockM;
+            const auto [head, m0, sQi, sdOi, stats] = q_tile(i);
             elem_t* sdSti = sdSt + (i % 2) * kBlockN * kBlockM;
 
             // S^T = K Q_i^T, dP^T = V dO_i^T   (64 keys of this warpgroup, Br)

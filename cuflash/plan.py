@@ -352,19 +352,21 @@ BWD_TILES = {
 HOPPER_BWD_TILES = {
     64: HopperBwdTile(128),   # 195 KB; each warpgroup adds a 64-row block of dQ
     128: HopperBwdTile(64),   # 194 KB; one warpgroup adds the whole 64-row dQ block (kSoloDq)
-    256: HopperBwdTile(32, 64),  # 178 KB; dQ^T (d, 32) from two m64n32 GEMMs per warpgroup
+    # d256: warpgroups that split d; a third Q/dO slot measured +0.8% (bench/NOTES.md, v2.18).
+    256: HopperBwdTile(32, 64, 3),  # 218 KB; dQ^T (d, 32) from two m64n32 GEMMs per warpgroup
 }
 HOPPER_BWD_HEAD_DIMS = tuple(HOPPER_BWD_TILES)
 
 
 def backward_smem_bytes(head_dim, tile):
     """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered.
-    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers (and two of P^T with
-    block_n = 64); the float32 dQ tile; lse2 and D per slot; mbarriers; 1 KB of alignment slack."""
+    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers (with block_n = 64
+    also two of P^T and P^T in float32); the float32 dQ tile; lse2 and D per slot; mbarriers; 1 KB
+    of alignment slack."""
     if isinstance(tile, HopperBwdTile):
-        st_buffers = 4 if tile.block_n == 64 else 2
+        st_buffers, p_floats = (4, tile.block_n * tile.block_m) if tile.block_n == 64 else (2, 0)
         return (2 * tile.block_n * head_dim * 2 + 2 * tile.stages * tile.block_m * head_dim * 2
-                + st_buffers * tile.block_n * tile.block_m * 2 + tile.block_m * head_dim * 4
+                + st_buffers * tile.block_n * tile.block_m * 2 + p_floats * 4 + tile.block_m * head_dim * 4
                 + tile.stages * 2 * tile.block_m * 4 + HOPPER_SMEM_SLACK)
     pitch_bytes = (head_dim + 8) * 2
     return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes
