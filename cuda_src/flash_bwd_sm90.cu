@@ -19,8 +19,8 @@
 // tile. At d128 (Br = 64: kSoloDq) warpgroup 0 computes the whole tile and warpgroup 1 only hands
 // over its dS^T rows, so it runs ahead and the two pointwise steps no longer coincide.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
-// At d256 (Bc = 64, Br = 32: kSplitD) the consumer warpgroups split the head dim and the queries
-// instead of the keys (consume_split_d, below).
+// At d256 (Bc = 64, Br = 32: kSplitD) the consumer warpgroups split the head dim instead of the
+// keys, and S^T and dP^T by role (consume_split_d, below).
 // One bulk reduction per dQ tile replaces 16-32 red.global.add.v2 per thread, which cost 30-40%
 // of the kernel's time (bench/NOTES.md, v2.4, v2.5; 7-13% at d128 again in v2.17). Its issue
 // stalls the issuing thread ~470 cycles, hence a warp of its own (+4-10% at d128, v2.17).
