@@ -2,7 +2,7 @@
 O(seqlen); the accumulator zeroed by a memset), and launches preprocess -> dK/dV (+ dQ atomics)
 -> dQ conversion, or, when deterministic, preprocess -> dK/dV -> a separate dQ pass with no
 atomics. On compute capability 9.0 the dK/dV kernel of the non-deterministic path is the sm_90a
-one (d 64 and 128); when its grid is more than one wave, one CTA per SM more in it converts the
+one (d 64, 128 and 256); when its grid is more than one wave, one CTA per SM more in it converts the
 dQ tiles of the heads already done, and a last pass converts the tiles those CTAs left."""
 import math
 import threading
