@@ -373,7 +373,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::wgmma_wait<1>();
             fence_regs(acc_dqt);
 
-            // dQ^T to sdQ once the last bulk reduction has read it, then to the reducing warp.
+            // dQ^T to sdQ once the last bulk reduction has read it, then to the reducing warp (the
+            // warp's 16 rows of each m64 block of dQ^T start at warp_key0, as its keys do in S^T).
             if (i > 0) ptx::named_barrier(kDqFree, kDqBarrierThreads);
 #pragma unroll
             for (int p = 0; p < kPanels; ++p)
