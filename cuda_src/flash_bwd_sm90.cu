@@ -54,7 +54,6 @@ constexpr int kWgDT = kWgCols / 8;
 constexpr int kConsumerThreads = 128 * kConsumers;
 constexpr int kThreads = 128 + kConsumerThreads;
 constexpr int kQT = BLOCK_M / 8;   // n8 tiles of queries in S^T
-constexpr int kDT = HEAD_DIM / 8;
 constexpr int kDqN = DqTile::kCols;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
@@ -82,6 +81,18 @@ constexpr unsigned kSmemTiles = kKVBytes + kStages * kQdOBytes + (2 + kPtBuffers
 constexpr int kConvSlots = 5;   // dQ tiles (32 KB) in flight per converter CTA
 constexpr int kConvGroup = 8;   // consecutive dQ tiles per converter turn: mostly one kv head
 static_assert(kConvSlots * (DqTile::kFloats * 4 + 8 + 16) <= kSmemTiles, "a converter's ring fits a dK/dV CTA's tiles");
+
+// One warp's rows r0 .. r0 + 15 of a block of the dQ tile as computed (dQ^T with
+// DqTile::kTransposed), columns c0 .., into the shared tile sdq, two floats per store.
+template <int NT>
+__device__ __forceinline__ void store_dq_rows(float* sdq, const float (&acc)[NT][4], int r0, int c0) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+            *reinterpret_cast<float2*>(sdq + DqTile::computed_offset(r0 + acc_row(0, 2 * hh), c0 + acc_col(nt, 0))) =
+                make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
+}
 
 // Per (batch, kv head) its dK/dV CTAs whose dQ reductions have all landed, then a flag per dQ
 // tile, set by the converter CTA that converts it; zeroed by the launcher with the accumulator.
@@ -377,14 +388,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             // warp's 16 rows of each m64 block of dQ^T start at warp_key0, as its keys do in S^T).
             if (i > 0) ptx::named_barrier(kDqFree, kDqBarrierThreads);
 #pragma unroll
-            for (int p = 0; p < kPanels; ++p)
-#pragma unroll
-                for (int nt = 0; nt < kBlockM / 8; ++nt)
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int col = (panel0 + p) * 64 + warp_key0 + acc_row(0, 2 * hh), row = acc_col(nt, 0);
-                        *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dqt[p][nt][2 * hh], acc_dqt[p][nt][2 * hh + 1]);
-                    }
+            for (int p = 0; p < kPanels; ++p) store_dq_rows(sdQ, acc_dqt[p], (panel0 + p) * 64 + warp_key0, 0);
             ptx::fence_proxy_async();
             ptx::named_barrier_arrive(kDqStored, kDqBarrierThreads);
             ptx::wgmma_wait<0>();
@@ -401,7 +405,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     // The consumer warpgroup's loop and epilogue; with kDq it also computes its block of dQ.
     auto consume = [&](auto computes_dq) {
         constexpr bool kDq = decltype(computes_dq)::value;
-        float acc_dk[1][kDT][4], acc_dv[1][kDT][4];  // the warpgroup's 64 keys x d
+        float acc_dk[1][kWgDT][4], acc_dv[1][kWgDT][4];  // the warpgroup's 64 keys x d
         zero(acc_dk);
         zero(acc_dv);
         if (n_iters > 0) ptx::mbar_wait(bar_kv, 0);
@@ -463,15 +467,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 fence_regs(pt);
                 if (kSoloDq && i + 2 < n_iters) ptx::named_barrier_arrive(kDsFree + i % 2, kConsumerThreads);
 
-                const int row_base = dq_row0 + (tid / 32) % 4 * 16;
                 if (i > 0) ptx::named_barrier(kDqFree, kDqBarrierThreads);
-#pragma unroll
-                for (int nt = 0; nt < kDqN / 8; ++nt)
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int row = row_base + acc_row(0, 2 * hh), col = dq_col0 + acc_col(nt, 0);
-                        *reinterpret_cast<float2*>(sdQ + DqTile::offset(row, col)) = make_float2(acc_dq[0][nt][2 * hh], acc_dq[0][nt][2 * hh + 1]);
-                    }
+                store_dq_rows(sdQ, acc_dq[0], dq_row0 + (tid / 32) % 4 * 16, dq_col0);
                 ptx::fence_proxy_async();
                 ptx::named_barrier_arrive(kDqStored, kDqBarrierThreads);
             } else {
