@@ -1,8 +1,9 @@
 """cuflash: exact FlashAttention for CuPy, PyTorch and JAX arrays, compiled at run time by NVRTC."""
 from .api import backward, dropout_mask, flash_attn_func, forward, warmup
+from .compile import cache_dir
 from .plan import BwdTile, FwdTile, HopperBwdTile, HopperFwdTile
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def cuda_available():
@@ -15,4 +16,5 @@ def cuda_available():
         return False
 
 
-__all__ = ["flash_attn_func", "forward", "backward", "dropout_mask", "warmup", "FwdTile", "HopperFwdTile", "BwdTile", "HopperBwdTile", "cuda_available", "__version__"]
+__all__ = ["flash_attn_func", "forward", "backward", "dropout_mask", "warmup", "cache_dir", "FwdTile", "HopperFwdTile",
+           "BwdTile", "HopperBwdTile", "cuda_available", "__version__"]

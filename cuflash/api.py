@@ -1,4 +1,6 @@
 """Public entry points: validate, bring arrays in (zero-copy), launch, hand results back."""
+import itertools
+import os
 import time
 
 from . import autograd, dropout, interop, plan, validate
@@ -143,20 +145,38 @@ def dropout_mask(q, k, dropout_p, seed, offset=0):
     return interop.export(mask, q_info.framework)
 
 
-def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, True), device=None):
-    """Compile the forward variants for these dtypes, head dims and causal flags on `device`
-    (default: the current one) ahead of the first call. Returns the seconds it took."""
-    import cupy
+def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, True), device=None, *,
+           backward=False, dropout=False):
+    """Compile, ahead of the first call, the kernels that calls with these dtypes, head dims and
+    causal flags get on `device` (default: the current one): the forwards, and with
+    backward=True the backwards (deterministic=False) too; dropout=True adds the dropout
+    variants. NVRTC runs in one thread per CPU core; compiled kernels go to the kernel cache
+    (cuflash.cache_dir()), so later processes load them in milliseconds. Returns the seconds it
+    took."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from . import compile as compile_
-    from .forward import smem_limit, use_hopper
+    from . import device as device_
 
-    device_id = cupy.cuda.Device().id if device is None else int(device)
+    device_id = device_.current() if device is None else int(device)
     start = time.perf_counter()
-    for dtype in dtypes:
-        for head_dim in head_dims:
-            for is_causal in causal:
-                variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=smem_limit(device_id),
-                                               hopper=use_hopper(device_id))
-                compile_.get_function(compile_.forward_program(variant), device_id)
+    device_.check_supported(device_id)
+    limit, hopper = device_.smem_limit(device_id), device_.use_hopper(device_id)
+    programs = set()
+    for dtype, head_dim, is_causal, drop in itertools.product(dtypes, head_dims, causal, {False, bool(dropout)}):
+        variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=limit, dropout=drop, hopper=hopper)
+        programs.add(compile_.forward_program(variant))
+        if backward:
+            try:
+                variant = plan.backward_variant(dtype, head_dim, is_causal, False, smem_limit=limit, dropout=drop,
+                                                hopper=hopper)
+            except ValueError:  # a head dim whose backward does not fit this GPU (d > 192 on 99 KB)
+                continue
+            programs.add(compile_.backward_program(variant))
+    capability = device_.compute_capability(device_id)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(lambda p: compile_.binary(p, compile_.arch_for(p, capability)), programs))
+    for program in programs:
+        for name in program.names:
+            compile_.get_function(program, device_id, name)
     return time.perf_counter() - start

@@ -38,7 +38,7 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p=0.0, seed
     """(o, lse) of flash_attn_func for torch tensors and JAX arrays, differentiable with respect
     to q, k and v; validated before anything is launched. CuPy arrays are not differentiable:
     they go to api.forward directly."""
-    framework = interop._framework(q)
+    framework = interop.framework_of(q)
     if framework == "torch":
         return _torch_attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
     if framework == "jax":
@@ -153,6 +153,8 @@ def check_torch(q, k, v):
     (shape inference) raise TypeError."""
     infos = []
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        if interop.framework_of(x) != "torch":
+            raise TypeError(f"{name} must be a torch tensor like q; got {type(x).__module__}.{type(x).__qualname__}")
         if x.device.type not in ("cuda", "meta"):
             raise TypeError(f"{name} must be a CUDA tensor; got a torch tensor on {x.device}")
         infos.append(interop.ArrayInfo("torch", tuple(x.shape), tuple(x.stride()),

@@ -9,8 +9,9 @@ import threading
 
 from . import compile as compile_
 from . import dropout, plan, tma
-from .forward import INT32_MAX, LOG2E, check_arch, hopper_runs, sm_count, smem_limit
-from .launch import launch
+from .device import check_arch, hopper_runs, sm_count, smem_limit
+from .forward import INT32_MAX, LOG2E
+from .launch import allow_dynamic_smem, launch
 
 ROWS_PER_BLOCK = 16  # preprocess and convert_dq: 4 warps of 4 rows per block (bwd_passes.cuh)
 CONVERT_TILES_PER_BLOCK = 8  # flash_bwd_convert_dq_tiles: dQ tiles (converted or not) per block
@@ -111,8 +112,6 @@ def _prepare(variant, device_id):
     prepared = _prepared.get(key)
     if prepared is not None:
         return prepared
-    import cupy
-
     if plan.is_hopper(variant):
         smem = {"flash_bwd_dkdv_sm90": plan.backward_smem_bytes(variant.head_dim, variant.tile)}
     else:
@@ -125,12 +124,12 @@ def _prepare(variant, device_id):
                              f"at head dim {variant.head_dim}; device {device_id} allows {limit}")
     program = compile_.backward_program(variant)
     prepared = {}
-    with _prepare_lock, cupy.cuda.Device(device_id):
-        for name in program[2]:
+    with _prepare_lock:
+        for name in program.names:
             function = compile_.get_function(program, device_id, name)
             size = smem.get(name, 0)
             if size:
-                function.max_dynamic_shared_size_bytes = size
+                allow_dynamic_smem(function, size)
             prepared[name] = (function, size)
         _prepared[key] = prepared
     return prepared

@@ -1,11 +1,10 @@
 """Forward launcher: picks the kernel variant and tiles, checks shared memory, launches the grid."""
-import functools
-import os
 import threading
 
 from . import compile as compile_
 from . import dropout, plan, tma
-from .launch import launch
+from .device import check_arch, hopper_runs, sm_count, smem_limit
+from .launch import allow_dynamic_smem, launch
 
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
@@ -70,58 +69,12 @@ def _prepare(variant, device_id):
     prepared = _prepared.get(key)
     if prepared is not None:
         return prepared
-    import cupy
-
     smem = plan.forward_smem_bytes(variant.head_dim, variant.tile)
     if smem > smem_limit(device_id):
         raise ValueError(f"tile {variant.tile} needs {smem} bytes of shared memory at head dim "
                          f"{variant.head_dim}; device {device_id} allows {smem_limit(device_id)}")
     kernel = compile_.get_function(compile_.forward_program(variant), device_id)
-    with _prepare_lock, cupy.cuda.Device(device_id):
-        kernel.max_dynamic_shared_size_bytes = smem
+    with _prepare_lock:
+        allow_dynamic_smem(kernel, smem)
         _prepared[key] = (kernel, smem)
     return kernel, smem
-
-
-def hopper_runs(device_id, *arrays):
-    """True where the sm_90a kernels take these arrays (interop.ArrayInfo): use_hopper, and a
-    tensor map can read each of them."""
-    return use_hopper(device_id) and tma.encodable(*arrays)
-
-
-def check_arch(variant, device_id):
-    """ValueError unless the device can run the variant's kernel family."""
-    if plan.is_hopper(variant) and compute_capability(device_id) != 90:
-        raise ValueError(f"tile: {variant.tile} runs only on compute capability 9.0 GPUs; device {device_id} "
-                         f"is {compute_capability(device_id)}")
-
-
-def use_hopper(device_id):
-    """True where the sm_90a kernels run: compute capability 9.0 with a CUDA 12.4+ driver, unless
-    the environment variable CUFLASH_PORTABLE is set to anything but "" or "0" (to compare or
-    debug the portable path)."""
-    return (compute_capability(device_id) == 90 and os.environ.get("CUFLASH_PORTABLE", "0") in ("", "0")
-            and tma.driver_supported())
-
-
-@functools.lru_cache(maxsize=None)
-def compute_capability(device_id):
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).compute_capability)
-
-
-@functools.lru_cache(maxsize=None)
-def smem_limit(device_id):
-    """Opt-in shared memory per block of a device, in bytes."""
-    import cupy
-
-    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device_id):
-    """Streaming multiprocessors of a device: the persistent kernels' grid."""
-    import cupy
-
-    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id)

@@ -10,6 +10,8 @@ asynchronous work with ours.
 import contextlib
 from dataclasses import dataclass
 
+from . import device
+
 
 @dataclass(frozen=True)
 class ArrayInfo:
@@ -21,7 +23,8 @@ class ArrayInfo:
     data_ptr: int
 
 
-def _framework(x):
+def framework_of(x):
+    """The framework an array comes from, by its type's package: "cupy", "torch", "jax" or None."""
     root = type(x).__module__.split(".")[0]
     return {"cupy": "cupy", "torch": "torch", "jax": "jax", "jaxlib": "jax"}.get(root)
 
@@ -36,7 +39,7 @@ def _c_strides(shape):
 
 def describe(x, name):
     """ArrayInfo of a CUDA array, or TypeError naming `name` if x is not one."""
-    framework = _framework(x)
+    framework = framework_of(x)
     if framework == "cupy":
         itemsize = x.dtype.itemsize
         return ArrayInfo("cupy", tuple(x.shape), tuple(s // itemsize for s in x.strides),
@@ -65,8 +68,7 @@ def caller_stream(info):
     """Make the caller's device CuPy's current one and yield the caller's stream (a raw CUDA
     stream): torch's current stream for torch callers, CuPy's current stream otherwise (JAX
     orders its side through the DLPack exchange)."""
-    import cupy
-
+    cupy = device.cupy_module()
     with cupy.cuda.Device(info.device):
         if info.framework == "torch":
             import torch

@@ -71,11 +71,19 @@ def _layout(function_ptr, signature):
     return layout, ctypes.c_size_t(layout.size)
 
 
+def allow_dynamic_smem(function, nbytes):
+    """Let a compiled kernel (from compile.get_function) take `nbytes` of dynamic shared memory
+    per block (above 48 KB it must be asked for)."""
+    from cupy.cuda import driver
+
+    driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+
+
 def launch(function, grid, block, shared_mem, stream, signature, *args):
     """Launch a compiled kernel (from compile.get_function) on `stream` (a raw CUDA stream)."""
     from cupy.cuda import driver
 
-    layout, size = _layout(function.kernel.ptr, signature)
+    layout, size = _layout(function.ptr, signature)
     params = ctypes.create_string_buffer(layout.pack(*args), layout.size)
     extra = (ctypes.c_void_p * 5)(_BUFFER_POINTER, ctypes.addressof(params), _BUFFER_SIZE, ctypes.addressof(size), _END)
-    driver.launchKernel(function.kernel.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream, 0, ctypes.addressof(extra))
+    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream, 0, ctypes.addressof(extra))

@@ -126,6 +126,12 @@ HOPPER_SMEM_SLACK = 1024 + 256  # the sm_90a kernels align their tiles to 1 KB, 
 SMEM_OPTIN_BY_CC = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+def _check_tile_type(tile, types):
+    if tile is not None and not isinstance(tile, types):
+        names = " or ".join(f"cuflash.{t.__name__}" for t in types)
+        raise TypeError(f"tile must be None or a {names}; got {type(tile).__name__} {tile!r}")
+
+
 def head_dim_bucket(head_dim):
     """Smallest compiled head dim >= head_dim (the kernel zero-pads the difference)."""
     for bucket in HEAD_DIM_BUCKETS:
@@ -163,6 +169,7 @@ def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout
     bytes of opt-in shared memory per block: the sm_90a kernel if `hopper` and the bucket has
     one, else the portable one. `tile` overrides the table (and is then not shrunk); its type
     (FwdTile or HopperFwdTile) picks the kernel."""
+    _check_tile_type(tile, (FwdTile, HopperFwdTile))
     bucket = head_dim_bucket(head_dim)
     if tile is None and hopper and bucket in HOPPER_FWD_TILES:
         tile = HOPPER_FWD_DROPOUT_TILES.get(bucket, HOPPER_FWD_TILES[bucket]) if dropout else HOPPER_FWD_TILES[bucket]
@@ -449,6 +456,7 @@ def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_lim
     deterministic and the bucket has one. Where the head dim's own bucket cannot fit (d224 on
     sm_80), a larger bucket that fits runs it, zero-padded; `tile` overrides the table (its type
     picks the kernel family)."""
+    _check_tile_type(tile, (BwdTile, HopperBwdTile))
     bucket = head_dim_bucket(head_dim)
     flags = (bool(causal), bool(deterministic))
     if tile is None and hopper and not deterministic and bucket in HOPPER_BWD_TILES:

@@ -1,6 +1,9 @@
 """Shared test setup: the `gpu` marker, skipped where CuPy sees no CUDA GPU; one hypothesis
 profile for every suite (derandomized in CI); CuPy's memory pools freed after each GPU test; the
-`torch` and `jax` fixtures (the framework module, or a skip where it is missing or sees no GPU)."""
+`torch` and `jax` fixtures (the framework module, or a skip where it is missing or sees no GPU);
+a header naming the cuflash under test and what the machine has, and a closing count of the
+skipped tests by reason."""
+import collections
 import os
 
 import pytest
@@ -25,6 +28,42 @@ HAVE_GPU = _gpu_available()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU visible to CuPy (skipped without one)")
+    config.addinivalue_line("markers", "faults: the GPU fault suite, left out unless asked for (-m faults)")
+
+
+def pytest_report_header(config):
+    import cuflash
+
+    lines = [f"cuflash {cuflash.__version__} from {os.path.dirname(cuflash.__file__)}"]
+    try:
+        from cuflash import compile as compile_
+
+        lines.append(f"NVRTC {'.'.join(map(str, compile_.nvrtc_version()))}, CUDA headers in "
+                     f"{compile_.cuda_include_dir()}")
+    except RuntimeError as error:
+        lines.append(f"no NVRTC: {error}")
+    if HAVE_GPU:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        lines.append(f"GPU: {props['name'].decode()} (compute capability {props['major']}.{props['minor']})")
+    else:
+        lines.append("GPU: none (the `gpu` tests skip)")
+    lines.append("kernel variants compiled: " + ("all" if os.environ.get("CUFLASH_TEST_ALL_VARIANTS", "") not in
+                                                   ("", "0") else "a pairwise cover (CUFLASH_TEST_ALL_VARIANTS=1: all)"))
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests were skipped, and why, in one line per reason."""
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section(f"{sum(reasons.values())} skipped, by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"{count:6d}  {reason}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +73,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_compiled_in_parallel(request):
+    """On a GPU, compile every kernel variant the GPU suites may run, one thread per core, before
+    the first test: a test then loads its kernels from the cache instead of compiling them one
+    by one. A program that fails to compile is left for its test to report."""
+    if not HAVE_GPU or not any(item.get_closest_marker("gpu") for item in request.session.items):
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cupy
+
+    from cuflash import compile as compile_, device, plan
+
+    capability = device.compute_capability(cupy.cuda.Device().id)
+    programs = ({compile_.forward_program(v) for v in plan.forward_variants()}
+                | {compile_.backward_program(v) for v in plan.backward_variants()} | {compile_.DROPOUT_MASK_PROGRAM})
+
+    def build(program):
+        try:
+            compile_.binary(program, compile_.arch_for(program, capability))
+        except RuntimeError:
+            pass
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(build, programs))
 
 
 @pytest.fixture(autouse=True)

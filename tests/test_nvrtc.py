@@ -1,39 +1,42 @@
-"""CPU: every forward and backward variant the plan can pick compiles with NVRTC, warning-free,
-for sm_80 and sm_90a, and without ptxas serializing its wgmma; and the flattened source keeps
-each header once and points errors at the real file.
+"""CPU: the kernel variants the plan can pick compile with NVRTC, warning-free, for sm_80 and
+sm_90a, and without ptxas serializing their wgmma; the flattened source keeps each header once
+and points errors at the real file.
 
-NVRTC is called directly (CuPy's raw bindings: no GPU, no driver). The source and options are the
-compile layer's own; only -arch and the CUDA headers' directory (the nvidia-cuda-runtime wheel's
-nvidia/cu13/include) are added, as CuPy adds them at run time.
+NVRTC is called through the compile layer's own compile_program, with the options a user's
+first call gets (no GPU or driver is needed). The programs compile in one thread per core (NVRTC
+releases the GIL) before the first test reads its result.
+
+Which variants: with CUFLASH_TEST_ALL_VARIANTS=1 (as CI runs), every (variant, arch) the
+dispatcher can pick. Otherwise a pairwise cover of them: every pair of compile-time values
+(kernel file, arch, each -D constant) that occurs in some variant occurs in a compiled one, so a
+value, or a combination of two, that breaks the build of a kernel file is compiled; what only the full sweep can
+catch is a failure that needs three or more particular values at once.
 """
+import itertools
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cupy_backends.cuda.libs import nvrtc
 
 from cuflash import compile as compile_
 from cuflash import plan
 
 ARCHS = ("sm_80", "sm_90a")
 LINE_MARKER = re.compile(r'^#line (\d+) "cuda_src/([^"]+)"$')
+ALL_VARIANTS = os.environ.get("CUFLASH_TEST_ALL_VARIANTS", "") not in ("", "0")
 
 
-def _cuda_include_dir():
+def _has_nvrtc():
     try:
-        import nvidia
-    except ImportError:
-        return None
-    for root in nvidia.__path__:
-        path = os.path.join(root, "cu13", "include")
-        if os.path.isfile(os.path.join(path, "cuda_fp16.h")):
-            return path
-    return None
+        compile_.cuda_include_dir()
+        return True
+    except RuntimeError:
+        return False
 
 
-CUDA_INCLUDE = _cuda_include_dir()
-needs_cuda_headers = pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers not found: pip install "
-                                        "nvidia-cuda-runtime (for nvidia/cu13/include/cuda_fp16.h)")
+needs_nvrtc = pytest.mark.skipif(not _has_nvrtc(), reason="NVRTC or the CUDA headers not found: pip install "
+                                 "'cuflash[cuda13]' (nvidia-cuda-nvrtc, nvidia-cuda-runtime)")
 
 
 def _variant_id(variant):
@@ -43,78 +46,105 @@ def _variant_id(variant):
             f"-{tile.block_m}x{tile.block_n}w{tile.threads // 32}{'-sm90' if plan.is_hopper(variant) else ''}")
 
 
-def nvrtc_compile(program, arch):
-    """(cubin, log) of a (source, options, name) program compiled for `arch`."""
-    source, options, _ = program
-    prog = nvrtc.createProgram(source, "cuflash.cu", [], [])
+def _targets(variants, to_program):
+    """(program, arch, id) of each variant on each arch it is built for: a portable variant for
+    sm_80 and sm_90a, a Hopper one for sm_90a."""
+    return [(to_program(variant), arch, f"{_variant_id(variant)}-{arch}") for variant in variants
+            for arch in ((compile_.HOPPER_ARCH,) if plan.is_hopper(variant) else ARCHS)]
+
+
+def _features(program, arch):
+    """The compile-time values of a target, each tagged with its kernel file, so that pairs are
+    covered within each file."""
+    return {(program.file, "arch", arch), *((program.file, key, value) for key, value in program.defines)}
+
+
+def _cells(program, arch):
+    """Each feature of a target and each pair of them."""
+    features = sorted(_features(program, arch))
+    return {(f,) for f in features} | set(itertools.combinations(features, 2))
+
+
+def pairwise_cover(targets):
+    """A subset of (program, arch, id) targets in which every feature (kernel file, arch, -D
+    constants) and every pair of them that some target has is had by a chosen one (greedy set
+    cover)."""
+    pairs = [_cells(p, a) for p, a, _ in targets]
+    uncovered = set().union(*pairs)
+    chosen = []
+    while uncovered:
+        best = max(range(len(targets)), key=lambda i: len(pairs[i] & uncovered))
+        chosen.append(targets[best])
+        uncovered -= pairs[best]
+    return chosen
+
+
+ALL_TARGETS = (_targets(plan.forward_variants(), compile_.forward_program)
+               + _targets(plan.backward_variants(), compile_.backward_program)
+               + [(compile_.DROPOUT_MASK_PROGRAM, arch, f"dropout_mask-{arch}") for arch in ARCHS])
+TARGETS = ALL_TARGETS if ALL_VARIANTS else pairwise_cover(ALL_TARGETS)
+
+
+def problems(program, arch):
+    """What is wrong with `program` compiled for `arch`: [] when it compiles to a cubin that
+    defines its kernels, with no warning and no serialized wgmma."""
     try:
-        try:
-            nvrtc.compileProgram(prog, [*options, f"-arch={arch}", f"-I{CUDA_INCLUDE}", "-ftz=true"])  # CuPy adds -ftz=true
-        except nvrtc.NVRTCError as error:
-            pytest.fail(f"NVRTC failed for {arch} with {options}: {error}\n{nvrtc.getProgramLog(prog)}")
-        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
+        cubin, log = compile_.compile_program(program, arch)
+    except RuntimeError as error:
+        return [str(error)]
+    found = []
+    if cubin[:4] != b"\x7fELF":
+        found.append("NVRTC returned no cubin")
+    # The launcher looks kernels up by these unmangled (extern "C") names.
+    found += [f"no symbol {name!r} in the cubin" for name in program.names
+              if b"\0" + name.encode() + b"\0" not in cubin]
+    if "warning" in log.lower():
+        found.append(log)
+    # ptxas serializes every wgmma of a kernel (info C7518-C7520) when it cannot prove their
+    # operands untouched while in flight, e.g. across a branch it cannot prove uniform: the
+    # kernel stays correct and runs ~20% slower (bench/NOTES.md, v2.7).
+    if "Potential Performance Loss" in log:
+        found.append(log)
+    return found
 
 
-def with_archs(variants):
-    """pytest params (variant, arch): each portable variant for every arch, each Hopper one for sm_90a."""
-    return [pytest.param(variant, arch, id=f"{_variant_id(variant)}-{arch}") for variant in variants
-            for arch in (("sm_90a",) if plan.is_hopper(variant) else ARCHS)]
+@pytest.fixture(scope="module")
+def compiled(request):
+    """{(program, arch): problems} of every target the selected tests ask for, compiled in
+    parallel."""
+    wanted = {(item.callspec.params["program"], item.callspec.params["arch"]) for item in request.session.items
+              if item.originalname == "test_variant_compiles"}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        futures = {target: pool.submit(problems, *target) for target in wanted}
+    return {target: future.result() for target, future in futures.items()}
 
 
-@needs_cuda_headers
-@pytest.mark.parametrize("variant, arch", with_archs(plan.forward_variants()))
-def test_variant_compiles(variant, arch):
-    check_program(compile_.forward_program(variant), arch)
+@needs_nvrtc
+@pytest.mark.parametrize("program, arch", [pytest.param(p, a, id=i) for p, a, i in TARGETS])
+def test_variant_compiles(compiled, program, arch):
+    assert not compiled[program, arch], "\n".join(compiled[program, arch])
 
 
-@needs_cuda_headers
+def test_pairwise_cover_holds_every_pair():
+    cover = pairwise_cover(ALL_TARGETS)
+    covered = set().union(*(_cells(program, arch) for program, arch, _ in cover))
+    assert all(_cells(program, arch) <= covered for program, arch, _ in ALL_TARGETS)
+    assert {(p.file, a) for p, a, _ in cover} == {(p.file, a) for p, a, _ in ALL_TARGETS}
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("program", [
     compile_.forward_program(next(v for v in plan.forward_variants() if plan.is_hopper(v))),
     compile_.backward_program(next(v for v in plan.backward_variants() if plan.is_hopper(v))),
 ], ids=["forward", "backward"])
 def test_hopper_kernel_refuses_other_targets(program):
     """An sm_90a kernel names its target when compiled for another, instead of failing in ptxas."""
-    source, options, _ = program
-    prog = nvrtc.createProgram(source, "cuflash.cu", [], [])
-    try:
-        with pytest.raises(nvrtc.NVRTCError):
-            nvrtc.compileProgram(prog, [*(o for o in options if not o.startswith("-arch")), "-arch=sm_80",
-                                        f"-I{CUDA_INCLUDE}"])
-        assert "needs -arch=sm_90a" in nvrtc.getProgramLog(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-
-
-@needs_cuda_headers
-@pytest.mark.parametrize("variant, arch", with_archs(plan.backward_variants()))
-def test_backward_variant_compiles(variant, arch):
-    check_program(compile_.backward_program(variant), arch)
-
-
-@needs_cuda_headers
-@pytest.mark.parametrize("arch", ARCHS)
-def test_dropout_mask_compiles(arch):
-    check_program(compile_.DROPOUT_MASK_PROGRAM, arch)
-
-
-def check_program(program, arch):
-    cubin, log = nvrtc_compile(program, arch)
-    assert cubin[:4] == b"\x7fELF", "NVRTC returned no cubin"
-    # The launcher looks kernels up by these unmangled (extern "C") names.
-    names = (program[2],) if isinstance(program[2], str) else program[2]
-    for name in names:
-        assert b"\0" + name.encode() + b"\0" in cubin, f"no symbol {name!r} in the cubin"
-    assert "warning" not in log.lower(), log
-    # ptxas serializes every wgmma of a kernel (info C7518-C7520) when it cannot prove their
-    # operands untouched while in flight, e.g. across a branch it cannot prove uniform: the
-    # kernel stays correct and runs ~20% slower (bench/NOTES.md, v2.7).
-    assert "Potential Performance Loss" not in log, log
+    with pytest.raises(RuntimeError, match="needs -arch=sm_90a"):
+        compile_.compile_program(program, "sm_80")
 
 
 def test_every_variant_is_distinct():
-    """Each variant maps to its own (source, options): none is silently compiled twice."""
+    """Each variant maps to its own program: none is silently compiled twice."""
     programs = {compile_.forward_program(variant) for variant in plan.forward_variants()}
     assert len(programs) == len(plan.forward_variants())
     programs = {compile_.backward_program(variant) for variant in plan.backward_variants()}

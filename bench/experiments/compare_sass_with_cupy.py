@@ -1,0 +1,57 @@
+"""Does compile.py's own NVRTC call give the same machine code as the cupy.RawModule compile it
+replaced? For a sample of forward and backward variants of both kernel families, compile each
+through cupy.RawModule (options as compile.py passed them before) into an empty CuPy cache and
+through compile.binary, and compare the SASS that cuobjdump prints for the two cubins.
+Prints one line per program and "identical: N of N" last. Needs a GPU (RawModule asks for one)."""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="cupy-cache-")
+import cupy  # noqa: E402
+
+from cuflash import compile as compile_, device, plan  # noqa: E402
+
+
+def sass(cubin_bytes):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin_bytes)
+        handle.flush()
+        text = subprocess.run(["cuobjdump", "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    # Keep the instructions; drop headers that name the file.
+    return [line.split("*/", 1)[-1].strip() for line in text.splitlines() if line.strip().startswith("/*")]
+
+
+def cupy_cubin(program, arch):
+    """The cubin cupy.RawModule builds for `program`, read back from its (fresh) disk cache."""
+    options = program.options + ((f"-arch={arch}",) if program.arch else ())
+    before = set(Path(os.environ["CUPY_CACHE_DIR"]).iterdir())
+    module = cupy.RawModule(code=program.source, options=options)
+    module.get_function(program.names[0])
+    new = max(set(Path(os.environ["CUPY_CACHE_DIR"]).iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    blob = new.read_bytes()
+    return blob[blob.index(b"\x7fELF"):]
+
+
+def main():
+    capability = device.compute_capability(cupy.cuda.Device().id)
+    forwards, backwards = plan.forward_variants(), plan.backward_variants()
+    sample = ([compile_.forward_program(v) for v in forwards if v.head_dim in (64, 128) and v.dtype == "bfloat16"
+               and not v.dropout][:6]
+              + [compile_.backward_program(v) for v in backwards if v.head_dim in (64, 256) and v.dtype == "float16"
+                 and not v.deterministic][:6])
+    same = 0
+    for program in sample:
+        arch = compile_.arch_for(program, capability)
+        ours, theirs = sass(compile_.binary(program, arch)), sass(cupy_cubin(program, arch))
+        same += ours == theirs
+        print(f"{program.file} {dict(program.defines)} {arch}: {'identical' if ours == theirs else 'DIFFERENT'} "
+              f"({len(ours)} instructions)", flush=True)
+    print(f"identical: {same} of {len(sample)}")
+    return 0 if same == len(sample) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Small problems that run every kernel family once, for compute-sanitizer (tests/test_faults_gpu.py
+runs this file under memcheck and racecheck): the portable and sm_90a forwards and backwards,
+causal and not, with and without dropout, GQA, odd sequence lengths, and an sm_90a backward
+whose grid is given converter CTAs (its dK/dV CTAs made to exceed a pretended 4-SM wave).
+Prints "corpus done" at the end; any error makes the process exit non-zero."""
+import os
+import sys
+
+import cupy
+
+import cuflash
+from cuflash.reference import from_float32
+
+backward_module = sys.modules["cuflash.backward"]  # the module, which cuflash.backward (the function) hides
+
+
+def randn(shape, dtype, seed):
+    return from_float32(cupy.random.default_rng(seed).standard_normal(shape, dtype=cupy.float32), dtype)
+
+
+def run(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, causal, dropout_p=0.0):
+    q = randn((batch, seqlen_q, nheads, head_dim), dtype, 1)
+    k, v = (randn((batch, seqlen_k, nheads_k, head_dim), dtype, seed) for seed in (2, 3))
+    o, lse = cuflash.forward(q, k, v, causal=causal, dropout_p=dropout_p, seed=7)
+    dout = randn(o.shape, dtype, 4)
+    cuflash.backward(dout, q, k, v, o, lse, causal=causal, dropout_p=dropout_p, seed=7)
+    cupy.cuda.runtime.deviceSynchronize()
+
+
+CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, causal, dropout_p
+    (1, 131, 257, 2, 1, 64, "bfloat16", True, 0.0),
+    (1, 192, 129, 2, 2, 128, "float16", False, 0.0),
+    (1, 130, 130, 2, 1, 256, "bfloat16", True, 0.0),
+    (1, 129, 129, 2, 2, 96, "float16", True, 0.1),
+    (2, 64, 200, 2, 1, 64, "bfloat16", False, 0.1),
+]
+
+if __name__ == "__main__":
+    for portable in ("1", "0"):
+        os.environ["CUFLASH_PORTABLE"] = portable
+        for case in CASES:
+            run(*case)
+    # The sm_90a backward with converter CTAs: 8 dK/dV CTAs on a pretended 4-SM GPU.
+    backward_module.sm_count = lambda device_id: 4
+    run(1, 256, 512, 4, 2, 128, "bfloat16", False)
+    run(1, 256, 512, 4, 2, 64, "float16", True)
+    print("corpus done")
