@@ -155,8 +155,10 @@ def cuda_include_dir():
 
 def nvrtc_options(program, arch):
     """Everything NVRTC is given for `program` on `arch` ("sm_80", "compute_100", ...)."""
-    # -ftz=true: denormals flushed, as CuPy compiles; the kernels were tuned and measured so.
-    return (*program.options, f"-arch={arch}", f"-I{cuda_include_dir()}", "-ftz=true")
+    # The flags CuPy's RawModule gave NVRTC, with which the kernels were tuned and measured:
+    # denormals flushed, and unannotated functions (the kernels' lambdas) taken as __device__.
+    return (*program.options, f"-arch={arch}", f"-I{cuda_include_dir()}", "-ftz=true",
+            "--device-as-default-execution-space")
 
 
 def compile_program(program, arch):
