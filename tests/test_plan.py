@@ -160,7 +160,8 @@ def test_tile_type_picks_the_kernel_family():
 
 @pytest.mark.parametrize("bucket, tile, smem_bytes",
                          [(b, t, plan.forward_smem_bytes) for b, t in plan.HOPPER_FWD_TILES.items()] +
-                         [(b, t, plan.backward_smem_bytes) for b, t in plan.HOPPER_BWD_TILES.items()], ids=str)
+                         [(b, t, plan.backward_smem_bytes) for b, t in plan.HOPPER_BWD_TILES.items()],
+                         ids=lambda x: getattr(x, "__name__", str(x)))  # names, not reprs with addresses (xdist)
 def test_hopper_tiles_are_legal_and_fit_h100(bucket, tile, smem_bytes):
     tile.check(bucket)
     assert smem_bytes(bucket, tile) <= H100_SMEM_OPTIN
