@@ -33,6 +33,9 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, causa
     (1, 130, 130, 2, 1, 256, "bfloat16", True, 0.0),
     (1, 129, 129, 2, 2, 96, "float16", True, 0.1),
     (2, 64, 200, 2, 1, 64, "bfloat16", False, 0.1),
+    (1, 200, 133, 2, 2, 32, "float16", True, 0.0),     # rows that see no key (causal, sq > sk)
+    (1, 133, 200, 2, 1, 160, "bfloat16", False, 0.0),  # 8-warp portable tiles
+    (1, 150, 150, 2, 2, 224, "float16", True, 0.1),
 ]
 
 if __name__ == "__main__":
