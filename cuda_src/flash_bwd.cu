@@ -24,6 +24,7 @@
 #include "softmax_backward.cuh"
 #include "tile_scheduler.cuh"
 #include "bwd_passes.cuh"
+#include "dkdv_partial.cuh"
 
 // Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
 // DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile).
@@ -60,6 +61,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
                const elem_t* __restrict__ dout, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
                float* __restrict__ dq_accum, const float* __restrict__ lse2, const float* __restrict__ dsum,
+               float* __restrict__ dkdv_partial,
                int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
                int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
                int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
@@ -67,7 +69,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
                int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
                int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
                int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-               int num_n_blocks, float scale_log2, float scale,
+               int num_n_blocks, int flush_every, float scale_log2, float scale,
                unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sK = reinterpret_cast<elem_t*>(smem);  // (Bc, d), later the staging tile of dK
@@ -106,6 +108,9 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     float acc_dk[GridKV::kMT][GridKV::kNT][4], acc_dv[GridKV::kMT][GridKV::kNT][4];
     zero(acc_dk);
     zero(acc_dv);
+    static_assert(GridKV::kMT * GridKV::kNT * 4 * kThreads == kBlockN * HEAD_DIM, "the warps hold (Bc, d) once");
+    const DkDvPartial<kThreads> partial{dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
+                                        flush_every};
 
     for (int it = 0; it < n_iters; ++it) {
         const int stage = it % 2;
@@ -162,7 +167,9 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
                             ptx::red_add_f32x2(gdq + static_cast<int64>(row) * head_dim + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
                     }
         }
+        partial.after_tile(it, acc_dk, acc_dv, threadIdx.x);
     }
+    partial.fold(n_iters, acc_dk, acc_dv, threadIdx.x);
 
     // dK_j = scale * acc_dk, dV_j = acc_dv, staged through sK and sV once every warp is done and
     // no copy is in flight (with no Q tile to visit, the loads of K and V were never waited on).

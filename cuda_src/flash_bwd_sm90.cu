@@ -36,6 +36,7 @@
 #include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
 #include "bwd_passes.cuh"
+#include "dkdv_partial.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_bwd_sm90.cu needs -arch=sm_90a"
@@ -163,12 +164,12 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                     const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
                     elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum,
                     elem_t* __restrict__ dq, int* __restrict__ dq_sync,
-                    const float* __restrict__ lse2, const float* __restrict__ dsum,
+                    const float* __restrict__ lse2, const float* __restrict__ dsum, float* __restrict__ dkdv_partial,
                     int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
                     int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
                     int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride, int num_converters,
                     int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-                    int num_n_blocks, float scale_log2, float scale,
+                    int num_n_blocks, int flush_every, float scale_log2, float scale,
                     unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned misalign = smem_u32(smem_raw) % 1024;
@@ -292,6 +293,10 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                      sdO + (i % kStages) * kBlockM * HEAD_DIM, sStats + (i % kStages) * 2 * kBlockM};
     };
 
+    static_assert(kWgDT * 4 * kConsumerThreads == kBlockN * HEAD_DIM, "the consumers hold (Bc, d) once");
+    const DkDvPartial<kConsumerThreads> partial{dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
+                                                flush_every};
+
     // dK = scale * acc_dk, dV = rp_dropout * acc_dv (the warpgroup's keys and columns), staged
     // through sK and sV once no warpgroup reads them.
     auto store_dk_dv = [&](float (&acc_dk)[1][kWgDT][4], float (&acc_dv)[1][kWgDT][4]) {
@@ -395,7 +400,9 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             fence_regs(acc_dk);
             fence_regs(acc_dv);
             ptx::mbar_arrive(q_ring.empty(i));
+            partial.after_tile(i, acc_dk, acc_dv, tid);
         }
+        partial.fold(n_iters, acc_dk, acc_dv, tid);
         store_dk_dv(acc_dk, acc_dv);
     };
     consume_split_d();
@@ -485,8 +492,10 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 fence_regs(pt);
             }
             ptx::mbar_arrive(q_ring.empty(i));  // by every thread, each after its own reads of the slot's stats
+            partial.after_tile(i, acc_dk, acc_dv, tid);
         }
         if (!kDq && tid % 128 == 0) ptx::mbar_arrive(bar_landed);  // it adds no dQ (kSoloDq)
+        partial.fold(n_iters, acc_dk, acc_dv, tid);
         store_dk_dv(acc_dk, acc_dv);
     };
 

@@ -58,6 +58,11 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
         dq_accum = keep[-1][1].data_ptr
         dq_sync = dq_accum + 4 * floats
         cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * (floats + words), stream)
+    flush_every = plan.dkdv_flush_every(variant.tile, nheads // nheads_k, seqlen_q)
+    dkdv_partial = 0
+    if flush_every:
+        keep.append(empty((plan.dkdv_partial_floats(variant.tile, variant.head_dim, dkdv_ctas),), "float32"))
+        dkdv_partial = keep[-1][1].data_ptr
 
     def strides(*arrays):
         return [a.strides[axis] for a in arrays for axis in (0, 1, 2)]
@@ -71,21 +76,21 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     launch(function, row_blocks, 128, 0, stream, "5Q6q5if",
            out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, *strides(out, dout),
            seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
-    shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, scale_log2, ds_scale,
-                  *rng, rp_dropout)
+    shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, flush_every, scale_log2,
+                  ds_scale, *rng, rp_dropout)
     if hopper:
         function, smem = kernels["flash_bwd_dkdv_sm90"]
         tile = variant.tile
         maps = (tma.tensor_map(q, tile.block_m), tma.tensor_map(k, tile.block_n), tma.tensor_map(v, tile.block_n),
                 tma.tensor_map(dout, tile.block_m))
         launch(function, dkdv_ctas + converters, tile.threads, smem, stream,
-               "128s128s128s128s7Q9qi7i2f4If", *maps, dk.data_ptr, dv.data_ptr, dq_accum, dq.data_ptr, dq_sync, lse2,
-               dsum, *strides(dk, dv, dq), converters, *shape_args)
+               "128s128s128s128s8Q9qi8i2f4If", *maps, dk.data_ptr, dv.data_ptr, dq_accum, dq.data_ptr, dq_sync, lse2,
+               dsum, dkdv_partial, *strides(dk, dv, dq), converters, *shape_args)
     else:
         function, smem = kernels["flash_bwd_dkdv"]
-        launch(function, dkdv_ctas, variant.tile.threads, smem, stream, "9Q18q7i2f4If",
+        launch(function, dkdv_ctas, variant.tile.threads, smem, stream, "10Q18q8i2f4If",
                q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
-               *strides(q, k, v, dout, dk, dv), *shape_args)
+               dkdv_partial, *strides(q, k, v, dout, dk, dv), *shape_args)
     if deterministic:
         function, smem = kernels["flash_bwd_dq"]
         launch(function, num_tiles, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",

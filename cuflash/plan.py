@@ -391,6 +391,27 @@ def dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim):
     return (batch, nheads, seqlen_q, head_dim)
 
 
+# Query rows (times the query heads of a GQA group) whose products the tensor cores add into a
+# dK/dV accumulator before the CUDA cores take the sum over (cuda_src/dkdv_partial.cuh). At
+# 4 x 2^20 rows per key (2^20 queries, GQA 16/4, fp16, d64) unflushed accumulators gave dK and dV
+# 6.7x and 10.5x the error of the same computation in fp16 (bench/NOTES.md, v2.19); the error
+# of an accumulator grows about linearly with its rows, and 65536 rows keep it well inside the
+# 2x rule, while ordinary training shapes (e.g. 8k queries x GQA 8) never flush.
+DKDV_FLUSH_ROWS = 65536
+
+
+def dkdv_flush_every(tile, group, seqlen_q):
+    """Q tiles between the flushes of a dK/dV CTA's accumulators, or 0 where no CTA sees more
+    than DKDV_FLUSH_ROWS rows (group query heads x seqlen_q rows) and none flushes."""
+    every = max(1, DKDV_FLUSH_ROWS // tile.block_m)
+    return every if group * num_m_blocks(seqlen_q, tile) > every else 0
+
+
+def dkdv_partial_floats(tile, head_dim_bucket, dkdv_ctas):
+    """float32 words of the flushed partial sums: dK and dV of each dK/dV CTA's (Bc, d) block."""
+    return dkdv_ctas * 2 * tile.block_n * head_dim_bucket
+
+
 def dq_converters(dkdv_ctas, num_tiles, sms):
     """Converter CTAs appended to the sm_90a dK/dV grid (cuda_src/flash_bwd_sm90.cu): one per SM,
     at most one per dQ tile, and none when the dK/dV CTAs fit one wave, where the converters

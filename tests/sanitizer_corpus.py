@@ -1,7 +1,8 @@
 """Small problems that run every kernel family once, for compute-sanitizer (tests/test_faults_gpu.py
 runs this file under memcheck and racecheck): the portable and sm_90a forwards and backwards,
 causal and not, with and without dropout, GQA, odd sequence lengths, and an sm_90a backward
-whose grid is given converter CTAs (its dK/dV CTAs made to exceed a pretended 4-SM wave).
+whose grid is given converter CTAs (its dK/dV CTAs made to exceed a pretended 4-SM wave), and
+both backwards with their dK/dV accumulators flushed every Q tile or two.
 Prints "corpus done" at the end; any error makes the process exit non-zero."""
 import os
 import sys
@@ -9,6 +10,7 @@ import sys
 import cupy
 
 import cuflash
+from cuflash import plan
 from cuflash.reference import from_float32
 
 backward_module = sys.modules["cuflash.backward"]  # the module, which cuflash.backward (the function) hides
@@ -43,6 +45,13 @@ if __name__ == "__main__":
         os.environ["CUFLASH_PORTABLE"] = portable
         for case in CASES:
             run(*case)
+    # dK/dV accumulators flushed to their float32 partial sums every Q tile or two.
+    plan.DKDV_FLUSH_ROWS = 128
+    for portable in ("1", "0"):
+        os.environ["CUFLASH_PORTABLE"] = portable
+        run(1, 300, 200, 4, 1, 128, "float16", True)
+        run(1, 300, 200, 4, 2, 64, "bfloat16", False)
+    plan.DKDV_FLUSH_ROWS = 65536
     # The sm_90a backward with converter CTAs: 8 dK/dV CTAs on a pretended 4-SM GPU.
     backward_module.sm_count = lambda device_id: 4
     run(1, 256, 512, 4, 2, 128, "bfloat16", False)

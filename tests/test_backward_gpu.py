@@ -109,3 +109,32 @@ def test_backward_bad_lse_is_refused():
         cuflash.backward(out, q, k, v, out, lse[:, :1])
     with pytest.raises(TypeError, match="lse"):
         cuflash.backward(out, q, k, v, out, lse.astype(cupy.float64))
+
+
+@pytest.mark.parametrize("path", FAMILIES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 96])
+@pytest.mark.parametrize("causal, deterministic, dropout_p", [(False, False, 0.0), (True, False, 0.0),
+                                                             (True, True, 0.0), (False, False, 0.15)])
+def test_dkdv_flushed_partial_sums(path, head_dim, causal, deterministic, dropout_p, monkeypatch):
+    """dK/dV CTAs that hand their accumulators to the float32 partial sums every 1 to 3 Q tiles
+    (plan.DKDV_FLUSH_ROWS lowered from 65536 rows to 160), so that the first flush, the later
+    ones and the fold at the end all run, with GQA, causal rows, dropout and deterministic mode:
+    the gradients still obey the 2x rule, and equal the unflushed run's within rounding."""
+    q, k, v = qkv(2, 333, 290, 4, 1, head_dim, "float16", seed=head_dim)
+    dout = randn(q.shape, "float16", "contiguous", 11)
+    with forward_path(path):
+        out, lse = cuflash.forward(q, k, v, causal=causal, dropout_p=dropout_p, seed=5)
+        unflushed = cuflash.backward(dout, q, k, v, out, lse, causal=causal, deterministic=deterministic,
+                                     dropout_p=dropout_p, seed=5)
+        monkeypatch.setattr(plan, "DKDV_FLUSH_ROWS", 160)
+        flushed = cuflash.backward(dout, q, k, v, out, lse, causal=causal, deterministic=deterministic,
+                                   dropout_p=dropout_p, seed=5)
+    for name, a, b in zip(("dq", "dk", "dv"), flushed, unflushed):
+        scale = float(cupy.abs(b.astype(cupy.float32)).max())
+        err = float(cupy.abs(a.astype(cupy.float32) - b.astype(cupy.float32)).max())
+        assert err <= 4e-3 * scale + 1e-3, f"{name}: flushed and unflushed differ by {err} (max |{name}| {scale})"
+    if dropout_p == 0:
+        ref = attention_reference_backward(dout, q, k, v, None, causal)
+        low = attention_reference_backward(dout, q, k, v, None, causal, upcast=False)
+        for name, got, r, lo in zip(("dq", "dk", "dv"), flushed, ref, low):
+            assert_2x(got, r, lo, "float16", name)

@@ -148,6 +148,43 @@ def test_more_than_2_31_elements(family):
         assert_2x(dq[:, rows], dq_ref, dq_low, "float16", "dq")
 
 
+def test_dk_dv_of_keys_seen_by_millions_of_rows(family, torch):
+    """2^20 queries of 16 heads over 512 keys of 4 kv heads: each row of dK and dV sums 4 x 2^20
+    products. dK and dV obey the 2x rule against the same computation in fp16 by torch (its
+    GEMMs accumulate in float32); dQ too. The references are computed chunk by chunk: float64,
+    and fp16 with float32 sums of the chunks."""
+    seqlen_q, seqlen_k, nheads, nheads_k, head_dim, chunk = 2**20, 512, 16, 4, 64, 2**15
+    group = nheads // nheads_k
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, do = (torch.randn(1, seqlen_q, nheads, head_dim, generator=gen, device="cuda").half() for _ in range(2))
+    k, v = (torch.randn(1, seqlen_k, nheads_k, head_dim, generator=gen, device="cuda").half() for _ in range(2))
+    o, lse = cuflash.forward(q, k, v)
+    ours = cuflash.backward(do, q, k, v, o, lse)
+
+    def reference(dtype):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        kk, vv = (x.to(dtype).repeat_interleave(group, dim=2) for x in (k, v))
+        dq = torch.empty(q.shape, dtype=dtype, device="cuda")
+        dk, dv = (torch.zeros(kk.shape, dtype=acc, device="cuda") for _ in range(2))
+        for start in range(0, seqlen_q, chunk):
+            qc, doc = q[:, start:start + chunk].to(dtype), do[:, start:start + chunk].to(dtype)
+            s = torch.einsum("bqhd,bkhd->bhqk", qc, kk) * head_dim ** -0.5
+            p = torch.softmax(s.to(acc), dim=-1).to(dtype)
+            oc = torch.einsum("bhqk,bkhd->bqhd", p, vv)
+            dp = torch.einsum("bqhd,bkhd->bhqk", doc, vv)
+            d_row = (doc.to(acc) * oc.to(acc)).sum(-1).transpose(1, 2)[..., None]
+            ds = (p.to(acc) * (dp.to(acc) - d_row)).to(dtype)
+            dq[:, start:start + chunk] = torch.einsum("bhqk,bkhd->bqhd", ds, kk) * head_dim ** -0.5
+            dk += torch.einsum("bhqk,bqhd->bkhd", ds, qc).to(acc) * head_dim ** -0.5
+            dv += torch.einsum("bhqk,bqhd->bkhd", p, doc).to(acc)
+        fold = lambda x: x.reshape(1, seqlen_k, nheads_k, group, head_dim).sum(3).to(dtype)  # noqa: E731
+        return dq, fold(dk), fold(dv)
+
+    ref, low = reference(torch.float64), reference(torch.float16)
+    for name, got, r, lo in zip(("dq", "dk", "dv"), ours, ref, low):
+        assert_2x(*(cupy.from_dlpack(x) for x in (got, r, lo)), "float16", name)
+
+
 # --- the kernel cache ----------------------------------------------------------------------------
 
 @pytest.fixture

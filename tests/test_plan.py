@@ -342,3 +342,17 @@ def test_hopper_backward_tile_refuses_deterministic():
 def test_hopper_backward_tile_check_rejects(tile, bucket, message):
     with pytest.raises(ValueError, match=message):
         tile.check(bucket)
+
+
+def test_dkdv_flushes_only_past_the_row_budget():
+    """A dK/dV CTA flushes its accumulators only when its keys see more than DKDV_FLUSH_ROWS rows
+    (query heads of the group x queries), and then every DKDV_FLUSH_ROWS rows; the partial sums
+    hold dK and dV of each CTA's (Bc, d) block in float32."""
+    tile = plan.HOPPER_BWD_TILES[128]  # Br = 64
+    rows = plan.DKDV_FLUSH_ROWS
+    assert plan.dkdv_flush_every(tile, 8, 8192) == 0  # 8k queries x GQA 8: ordinary training never flushes
+    assert plan.dkdv_flush_every(tile, 1, rows) == 0
+    assert plan.dkdv_flush_every(tile, 1, rows + 1) == rows // 64
+    assert plan.dkdv_flush_every(tile, 4, 2**20) == rows // 64
+    assert plan.dkdv_flush_every(plan.BWD_TILES[64], 16, 2**20) == rows // 128
+    assert plan.dkdv_partial_floats(tile, 128, 10) == 10 * 2 * 128 * 128
