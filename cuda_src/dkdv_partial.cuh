@@ -7,22 +7,24 @@
 // computation in fp16 at 4 x 2^20 rows per key (bench/NOTES.md, v2.19). So every `every` Q
 // tiles a CTA adds its accumulators into its own float32 slice of a buffer and restarts them
 // from zero: the tensor cores never sum more than `every` tiles, and the CUDA cores sum the few
-// partial sums. The launcher sets `every` (cuflash/backward.py: DKDV_FLUSH_ROWS) so that the
-// shapes of ordinary training never flush; a CTA that sees fewer tiles never touches the buffer.
+// partial sums. The launcher picks the variants compiled with DKDV_FLUSH = 1 only where a CTA
+// sees more than DKDV_FLUSH_ROWS rows (cuflash/plan.py), and sets `every` from it; with
+// DKDV_FLUSH = 0 none of this is compiled (a per-tile check cost 2-5% at d128 and d256:
+// bench/NOTES.md, v2.19). A CTA that sees fewer than `every` tiles never touches the buffer.
 #pragma once
 
 // The slice of one CTA: dK's 2 x ... elements, then dV's, each element's kThreads values
 // consecutive (thread t's value at t), so that every flush is a coalesced pass.
 template <int kThreads>
 struct DkDvPartial {
-    float* slice;  // 2 x elements-per-thread x kThreads floats; unused when every == 0
-    int every;     // Q tiles between flushes; 0: never
+    float* slice;  // 2 x elements-per-thread x kThreads floats (with DKDV_FLUSH; else unused)
+    int every;     // Q tiles between flushes (with DKDV_FLUSH; else unused)
 
     // After Q tile i: on every `every`-th tile, add the accumulators into the slice (the first
     // time, store them) and zero them.
     template <int M, int N>
     __device__ __forceinline__ void after_tile(int i, float (&acc_dk)[M][N][4], float (&acc_dv)[M][N][4], int tid) const {
-        if (every == 0 || (i + 1) % every != 0) return;
+        if (!DKDV_FLUSH || (i + 1) % every != 0) return;
         const bool first = i + 1 == every;
         move(acc_dk, slice + tid, first);
         move(acc_dv, slice + M * N * 4 * kThreads + tid, first);
@@ -31,7 +33,7 @@ struct DkDvPartial {
     // After the last of n_iters tiles: add back what was flushed.
     template <int M, int N>
     __device__ __forceinline__ void fold(int n_iters, float (&acc_dk)[M][N][4], float (&acc_dv)[M][N][4], int tid) const {
-        if (every == 0 || n_iters < every) return;
+        if (!DKDV_FLUSH || n_iters < every) return;
         add_back(acc_dk, slice + tid);
         add_back(acc_dv, slice + M * N * 4 * kThreads + tid);
     }

@@ -110,8 +110,11 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
     }
 
     // Each warp stages only its own rows of sQ, which only it has read; the trailing cp.async
-    // groups are empty. rp_dropout is 1 / (1 - p), and 1 without dropout.
+    // groups are empty. The warp's lanes store into rows that other lanes' ldmatrix read, so the
+    // warp syncs first (without it racecheck reports each such pair as a warp-level hazard).
+    // rp_dropout is 1 / (1 - p), and 1 without dropout.
     normalize_rows(acc_o, m_i, l_i, rp_dropout, lse + static_cast<int64>(bh) * seqlen_q, m0 + warp_row0, seqlen_q);
+    __syncwarp();
     store_acc(sQ + warp_row0 * kPitch, kPitch, acc_o, 1.f);
     __syncthreads();
     store_tile<kBlockM, kThreads>(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride,

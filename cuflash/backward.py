@@ -4,6 +4,7 @@ O(seqlen); the accumulator zeroed by a memset), and launches preprocess -> dK/dV
 atomics. On compute capability 9.0 the dK/dV kernel of the non-deterministic path is the sm_90a
 one (d 64, 128 and 256); when its grid is more than one wave, one CTA per SM more in it converts the
 dQ tiles of the heads already done, and a last pass converts the tiles those CTAs left."""
+import dataclasses
 import math
 import threading
 
@@ -34,6 +35,9 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     device_id = cupy.cuda.get_device_id()
     variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id),
                                     dropout=dropout_p > 0, hopper=hopper_runs(device_id, q, k, v, dout))
+    flush_every = plan.dkdv_flush_every(variant.tile, nheads // nheads_k, seqlen_q)
+    if flush_every:
+        variant = dataclasses.replace(variant, flush=True)
     check_arch(variant, device_id)
     kernels = _prepare(variant, device_id)
     rows = batch * nheads * seqlen_q
@@ -58,7 +62,6 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
         dq_accum = keep[-1][1].data_ptr
         dq_sync = dq_accum + 4 * floats
         cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * (floats + words), stream)
-    flush_every = plan.dkdv_flush_every(variant.tile, nheads // nheads_k, seqlen_q)
     dkdv_partial = 0
     if flush_every:
         keep.append(empty((plan.dkdv_partial_floats(variant.tile, variant.head_dim, dkdv_ctas),), "float32"))

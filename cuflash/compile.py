@@ -98,10 +98,12 @@ def backward_program(variant):
     tile = variant.tile
     if plan.is_hopper(variant):
         names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq_tiles")
-        return _program("flash_bwd_sm90.cu", variant, names, HOPPER_ARCH, STAGES=tile.stages, DQ_ATOMIC=1, DQ_TILED=1)
+        return _program("flash_bwd_sm90.cu", variant, names, HOPPER_ARCH, STAGES=tile.stages, DQ_ATOMIC=1, DQ_TILED=1,
+                        DKDV_FLUSH=int(variant.flush))
     names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
     return _program("flash_bwd.cu", variant, names, DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm, KV_WM=tile.kv_wm,
-                    DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic), DQ_TILED=0)
+                    DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic), DQ_TILED=0,
+                    DKDV_FLUSH=int(variant.flush))
 
 
 DROPOUT_MASK_PROGRAM = Program("dropout_mask.cu", ("dropout_mask",), ())

@@ -334,6 +334,7 @@ class BwdVariant:
     deterministic: bool
     tile: BwdTile
     dropout: bool = False
+    flush: bool = False  # dK/dV accumulators flushed to float32 partial sums (dkdv_flush_every)
 
 
 # Backward tiles per head-dim bucket, for an H100 (227 KB per block); fit_bwd_tile shrinks them.
@@ -402,7 +403,9 @@ DKDV_FLUSH_ROWS = 65536
 
 def dkdv_flush_every(tile, group, seqlen_q):
     """Q tiles between the flushes of a dK/dV CTA's accumulators, or 0 where no CTA sees more
-    than DKDV_FLUSH_ROWS rows (group query heads x seqlen_q rows) and none flushes."""
+    than DKDV_FLUSH_ROWS rows (group query heads x seqlen_q rows) and none flushes. Flushing is
+    compiled only into the variants with flush=True, which the launcher picks when this is not
+    0, so that the kernels of every other shape carry no trace of it."""
     every = max(1, DKDV_FLUSH_ROWS // tile.block_m)
     return every if group * num_m_blocks(seqlen_q, tile) > every else 0
 
@@ -509,8 +512,9 @@ def backward_variants():
                 for causal in (False, True):
                     for deterministic, dropout, hopper in itertools.product((False, True), repeat=3):
                         try:
-                            variants.add(backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit,
-                                                          dropout=dropout, hopper=hopper))
+                            variant = backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit,
+                                                       dropout=dropout, hopper=hopper)
                         except ValueError:  # d > 192 backward does not fit 99 KB
-                            pass
+                            continue
+                        variants |= {variant, replace(variant, flush=True)}
     return sorted(variants, key=repr)

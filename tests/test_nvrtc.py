@@ -41,7 +41,8 @@ needs_nvrtc = pytest.mark.skipif(not _has_nvrtc(), reason="NVRTC or the CUDA hea
 
 def _variant_id(variant):
     tile = variant.tile
-    mode = ("-det" if getattr(variant, "deterministic", False) else "") + ("-dropout" if variant.dropout else "")
+    mode = (("-det" if getattr(variant, "deterministic", False) else "") + ("-dropout" if variant.dropout else "")
+            + ("-flush" if getattr(variant, "flush", False) else ""))
     return (f"{variant.dtype}-d{variant.head_dim}-{'causal' if variant.causal else 'full'}{mode}"
             f"-{tile.block_m}x{tile.block_n}w{tile.threads // 32}{'-sm90' if plan.is_hopper(variant) else ''}")
 
