@@ -52,28 +52,33 @@ def sm_count(device_id):
     return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id)
 
 
+def name(device_id):
+    return cupy_module().cuda.runtime.getDeviceProperties(device_id)["name"].decode()
+
+
+def driver_version():
+    """(major, minor) of the CUDA version the driver supports."""
+    version = cupy_module().cuda.runtime.driverGetVersion()  # 13000 for CUDA 13.0
+    return version // 1000, version % 1000 // 10
+
+
 @functools.lru_cache(maxsize=None)
 def check_supported(device_id):
     """RuntimeError unless cuflash's kernels can run on the device: compute capability 8.0 or
     newer, and a driver of at least NVRTC's CUDA major version (a cubin of a newer minor version
     loads on an older driver of the same major one; PTX, used for GPUs newer than NVRTC knows,
-    needs a driver at least as new as NVRTC)."""
+    needs a driver at least as new as NVRTC). Cached: a call pays one dictionary lookup."""
     from . import compile as compile_
 
-    cupy = cupy_module()
     capability = compute_capability(device_id)
     if capability < MIN_CAPABILITY:
-        name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"].decode()
         raise RuntimeError(f"cuflash needs a GPU of compute capability 8.0 or newer (A100, RTX 30xx/40xx, H100, ...); "
-                           f"device {device_id} ({name}) is {capability // 10}.{capability % 10}")
-    driver = cupy.cuda.runtime.driverGetVersion()  # 13000 for CUDA 13.0
-    driver_version = (driver // 1000, driver % 1000 // 10)
-    nvrtc = compile_.nvrtc_version()
-    jit = not compile_.nvrtc_knows(capability)
-    if driver_version[0] < nvrtc[0] or (jit and driver_version < nvrtc):
-        raise RuntimeError(f"the NVIDIA driver supports CUDA {driver_version[0]}.{driver_version[1]}, older than "
-                           f"NVRTC {nvrtc[0]}.{nvrtc[1]} that cuflash compiles with: update the driver, or install "
-                           f"the CUDA {driver_version[0]} build (pip install 'cuflash[cuda{driver_version[0]}]')")
+                           f"device {device_id} ({name(device_id)}) is {capability // 10}.{capability % 10}")
+    driver, nvrtc = driver_version(), compile_.nvrtc_version()
+    if driver[0] < nvrtc[0] or (not compile_.nvrtc_knows(capability) and driver < nvrtc):
+        raise RuntimeError(f"the NVIDIA driver supports CUDA {driver[0]}.{driver[1]}, older than NVRTC "
+                           f"{nvrtc[0]}.{nvrtc[1]} that cuflash compiles with: update the driver, or install the "
+                           f"CUDA {driver[0]} build (pip install 'cuflash[cuda{driver[0]}]') in a fresh environment")
     return True
 
 

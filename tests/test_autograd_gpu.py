@@ -106,6 +106,20 @@ def test_torch_only_some_inputs_require_grad(torch, requires_grad):
     check_torch_grads(torch, q, k, v, torch.ones_like(o), o, causal=True)
 
 
+@pytest.mark.parametrize("other", ["cupy", "numpy", "torch_cpu"])
+@pytest.mark.parametrize("which", [1, 2])
+def test_torch_q_with_other_arrays_is_a_type_error(torch, other, which):
+    """A torch q with k or v from CuPy or NumPy, or on the CPU: TypeError naming the argument,
+    before anything runs."""
+    q, k, v = torch_qkv(torch, SHAPES[0], torch.float16)
+    x = (q, k, v)[which].detach()
+    x = {"cupy": lambda: cupy.from_dlpack(x), "numpy": lambda: x.cpu().numpy(), "torch_cpu": x.cpu}[other]()
+    args = [q, k, v]
+    args[which] = x
+    with pytest.raises(TypeError, match=rf"^{'kv'[which - 1]} must"):
+        cuflash.flash_attn_func(*args)
+
+
 def test_torch_no_grad_records_nothing(torch):
     q, k, v = torch_qkv(torch, SHAPES[0], torch.float16)
     with torch.no_grad():
