@@ -231,7 +231,8 @@ def _unpack(key, blob):
         header = json.loads(header)
     except ValueError:
         return None
-    if (magic != CACHE_FORMAT or header.get("key") != key or header.get("size") != len(binary)
+    if (magic != CACHE_FORMAT or not isinstance(header, dict) or header.get("key") != key
+            or header.get("size") != len(binary)
             or header.get("sha256") != hashlib.sha256(binary).hexdigest()):
         return None
     return binary

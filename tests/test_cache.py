@@ -73,13 +73,13 @@ def test_a_file_of_another_program_is_recompiled(compiles, monkeypatch):
     assert path_a.read_bytes() == blob_a, "the recompiled binary replaces the wrong file"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage", "not_a_header"])
 def test_a_damaged_file_is_recompiled(compiles, monkeypatch, damage):
     good = compile_.binary(PROGRAMS[0], "sm_90")
     path = _path(PROGRAMS[0])
     blob = path.read_bytes()
     damaged = {"truncate": blob[:-3], "flip": blob[:-1] + bytes([blob[-1] ^ 1]), "empty": b"",
-               "garbage": os.urandom(64)}[damage]
+               "garbage": os.urandom(64), "not_a_header": compile_.CACHE_FORMAT + b"\n5\n\x7fELF"}[damage]
     path.write_bytes(damaged)
     _fresh_process(monkeypatch)
     assert compile_.binary(PROGRAMS[0], "sm_90") == good and len(compiles) == 2
