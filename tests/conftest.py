@@ -79,12 +79,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+PRECOMPILE_FROM_GPU_TESTS = 200
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _kernels_compiled_in_parallel(request):
-    """On a GPU, compile every kernel variant the GPU suites may run, one thread per core, before
-    the first test: a test then loads its kernels from the cache instead of compiling them one
-    by one. A program that fails to compile is left for its test to report."""
-    if not HAVE_GPU or not any(item.get_closest_marker("gpu") for item in request.session.items):
+    """On a GPU, when the session runs many GPU tests (the suites, which between them run every
+    variant), compile every kernel variant first, one thread per core: a test then loads its
+    kernels from the cache instead of compiling them one by one. A session of a few GPU tests
+    compiles what it uses as it goes. A program that fails to compile is left for its test to
+    report."""
+    gpu_tests = sum(item.get_closest_marker("gpu") is not None for item in request.session.items)
+    if not HAVE_GPU or gpu_tests < PRECOMPILE_FROM_GPU_TESTS:
         return
     from concurrent.futures import ThreadPoolExecutor
 
