@@ -187,13 +187,18 @@ def test_dk_dv_of_keys_seen_by_millions_of_rows(family, torch):
 
 # --- the kernel cache ----------------------------------------------------------------------------
 
+def forget_compiled(monkeypatch):
+    """Make this process forget every kernel it compiled or loaded, as a new process would."""
+    for module, name in ((compile_, "_memory"), (compile_, "_modules"), (compile_, "_functions"),
+                         (sys.modules["cuflash.forward"], "_prepared"), (sys.modules["cuflash.backward"], "_prepared")):
+        monkeypatch.setattr(module, name, {})
+
+
 @pytest.fixture
 def empty_cache(monkeypatch, tmp_path):
     """An empty kernel cache in tmp_path and a process that has compiled nothing yet."""
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path / "cache"))
-    for module, name in ((compile_, "_memory"), (compile_, "_modules"), (compile_, "_functions"),
-                         (sys.modules["cuflash.forward"], "_prepared"), (sys.modules["cuflash.backward"], "_prepared")):
-        monkeypatch.setattr(module, name, {})
+    forget_compiled(monkeypatch)
     return tmp_path / "cache"
 
 
@@ -247,9 +252,7 @@ def test_damaged_cache_files_are_recompiled(family, empty_cache, monkeypatch, da
     else:
         key = files[0].stem
         files[0].write_bytes(compile_._pack(key, b"\x7fELF" + os.urandom(4096)))
-    for module, name in ((compile_, "_memory"), (compile_, "_modules"), (compile_, "_functions"),
-                         (sys.modules["cuflash.forward"], "_prepared")):
-        monkeypatch.setattr(module, name, {})
+    forget_compiled(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for problem in problems:
