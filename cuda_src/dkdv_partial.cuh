@@ -13,8 +13,8 @@
 // bench/NOTES.md, v2.19). A CTA that sees fewer than `every` tiles never touches the buffer.
 #pragma once
 
-// The slice of one CTA: dK's 2 x ... elements, then dV's, each element's kThreads values
-// consecutive (thread t's value at t), so that every flush is a coalesced pass.
+// One CTA's slice holds dK's accumulator elements, then dV's; each element's kThreads values are
+// consecutive (thread t's at t), so that every flush is a coalesced pass.
 template <int kThreads>
 struct DkDvPartial {
     float* slice;  // 2 x elements-per-thread x kThreads floats (with DKDV_FLUSH; else unused)
