@@ -5,6 +5,7 @@
 // (flash_bwd_sm90.cu) and, for the tiles they leave, flash_bwd_convert_dq_tiles.
 #pragma once
 #include "flash_common.cuh"
+#include "params.cuh"
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -93,22 +94,20 @@ __device__ __forceinline__ int lane_col() { return threadIdx.x % kLanesPerRow * 
 // D = rowsum(dO * O) * d_scale; lse2 = lse * log2(e) (+inf where lse = -inf, so that P = 0
 // there).
 extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ lse,
-                     float* __restrict__ lse2, float* __restrict__ dsum,
-                     int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
-                     int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
-                     int seqlen_q, int seqlen_q_pad, int num_heads, int head_dim, int rows_total, float d_scale) {
+flash_bwd_preprocess(const __grid_constant__ BwdParams params) {
     const int c = lane_col();
     float acc[kPasses];
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
         const int row_id = pass_row(p);
         acc[p] = 0.f;
-        if (row_id >= rows_total || c >= head_dim) continue;
-        const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-        const int batch = bh / num_heads, head = bh % num_heads;
-        const uint4 ov = *reinterpret_cast<const uint4*>(o + batch * o_batch_stride + r * o_row_stride + head * o_head_stride + c);
-        const uint4 dv = *reinterpret_cast<const uint4*>(dout + batch * do_batch_stride + r * do_row_stride + head * do_head_stride + c);
+        if (row_id >= params.rows_total || c >= params.head_dim) continue;
+        const int bh = row_id / params.seqlen_q, r = row_id % params.seqlen_q;
+        const int batch = bh / params.num_heads, head = bh % params.num_heads;
+        const uint4 ov = *reinterpret_cast<const uint4*>(params.o + batch * params.o_batch_stride + r * params.o_row_stride +
+                                                         head * params.o_head_stride + c);
+        const uint4 dv = *reinterpret_cast<const uint4*>(params.dout + batch * params.do_batch_stride + r * params.do_row_stride +
+                                                         head * params.do_head_stride + c);
         const elem_t* oe = reinterpret_cast<const elem_t*>(&ov);
         const elem_t* de = reinterpret_cast<const elem_t*>(&dv);
 #pragma unroll
@@ -119,11 +118,11 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
 #pragma unroll
         for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) acc[p] += __shfl_xor_sync(0xffffffff, acc[p], offset);
         const int row_id = pass_row(p);
-        if (c == 0 && row_id < rows_total) {
-            const int64 i = static_cast<int64>(row_id / seqlen_q) * seqlen_q_pad + row_id % seqlen_q;
-            const float l = lse[static_cast<int64>(row_id)];
-            dsum[i] = acc[p] * d_scale;
-            lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
+        if (c == 0 && row_id < params.rows_total) {
+            const int64 i = static_cast<int64>(row_id / params.seqlen_q) * params.seqlen_q_pad + row_id % params.seqlen_q;
+            const float l = params.lse[static_cast<int64>(row_id)];
+            params.dsum[i] = acc[p] * params.d_scale;
+            params.lse2[i] = l == neg_inf() ? -neg_inf() : l * kLog2e;
         }
     }
 }
@@ -138,66 +137,51 @@ __device__ __forceinline__ uint4 pack8_scaled(float4 a, float4 b, float scale) {
     return packed;
 }
 
-// Where dQ goes: the caller's array and strides, the scale, and the shape.
-struct DqOut {
-    elem_t* dq;
-    int64 batch_stride, row_stride, head_stride;
-    float scale;
-    int seqlen_q, num_heads, head_dim;
-
-    // dQ[bh][r][c .. c + 7] from the accumulator's 8 floats a, b.
-    __device__ __forceinline__ void store8(int bh, int r, int c, float4 a, float4 b) const {
-        *reinterpret_cast<uint4*>(dq + (bh / num_heads) * batch_stride + r * row_stride + (bh % num_heads) * head_stride + c) =
-            pack8_scaled(a, b, scale);
-    }
-#if DQ_TILED
-    // The same for chunk j of accumulator tile t ((batch * head) t / m_blocks, m block t % m_blocks),
-    // where it lies inside dQ.
-    __device__ __forceinline__ void store_chunk(int t, int j, int m_blocks, float4 a, float4 b) const {
-        int r, c;
-        DqTile::chunk(j, r, c);
-        r += t % m_blocks * BLOCK_M;
-        if (r < seqlen_q && c < head_dim) store8(t / m_blocks, r, c, a, b);
-    }
-#endif
-};
+// dQ[bh][r][c .. c + 7] = ds_scale * the accumulator's 8 floats a, b, in the input type.
+__device__ __forceinline__ void store_dq8(const BwdParams& params, int bh, int r, int c, float4 a, float4 b) {
+    *reinterpret_cast<uint4*>(params.dq + (bh / params.num_heads) * params.dq_batch_stride + r * params.dq_row_stride +
+                              (bh % params.num_heads) * params.dq_head_stride + c) = pack8_scaled(a, b, params.ds_scale);
+}
 
 #if DQ_TILED
-// The accumulator's tiles that the dK/dV kernel's converter CTAs left (converted[t] == 0), one per
-// block at a time; each thread has all its loads of a tile in flight before its first store.
+// The same for chunk j of accumulator tile t ((batch * head) t / m_blocks, m block t % m_blocks),
+// where it lies inside dQ.
+__device__ __forceinline__ void store_dq_chunk(const BwdParams& params, int t, int j, int m_blocks, float4 a, float4 b) {
+    int r, c;
+    DqTile::chunk(j, r, c);
+    r += t % m_blocks * BLOCK_M;
+    if (r < params.seqlen_q && c < params.head_dim) store_dq8(params, t / m_blocks, r, c, a, b);
+}
+
+// The accumulator's tiles that the dK/dV kernel's converter CTAs left (dq_converted[t] == 0), one
+// per block at a time; each thread has all its loads of a tile in flight before its first store.
 extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_convert_dq_tiles(const float* __restrict__ dq_accum, const int* __restrict__ converted, elem_t* __restrict__ dq,
-                           int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
-                           int seqlen_q, int num_heads, int head_dim, int num_tiles, float scale) {
+flash_bwd_convert_dq_tiles(const __grid_constant__ BwdParams params) {
     constexpr int kPerThread = DqTile::kFloats / 8 / 128;
-    const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
-    const int m_blocks = DqTile::m_blocks(seqlen_q);
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-        if (converted[t]) continue;
-        const float* tile = dq_accum + static_cast<int64>(t) * DqTile::kFloats;
+    const int m_blocks = DqTile::m_blocks(params.seqlen_q);
+    for (int t = blockIdx.x; t < params.num_dq_tiles; t += gridDim.x) {
+        if (params.dq_converted[t]) continue;
+        const float* tile = params.dq_accum + static_cast<int64>(t) * DqTile::kFloats;
         float4 v[kPerThread][2];
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) DqTile::load_chunk(tile, threadIdx.x + k * 128, v[k][0], v[k][1]);
 #pragma unroll
-        for (int k = 0; k < kPerThread; ++k) out.store_chunk(t, threadIdx.x + k * 128, m_blocks, v[k][0], v[k][1]);
+        for (int k = 0; k < kPerThread; ++k) store_dq_chunk(params, t, threadIdx.x + k * 128, m_blocks, v[k][0], v[k][1]);
     }
 }
 #else
-// dQ = scale * accumulator, in the input type and the caller's strides.
+// dQ = ds_scale * accumulator, in the input type and the caller's strides.
 extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
-                     int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
-                     int seqlen_q, int num_heads, int head_dim, int rows_total, float scale) {
-    const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
+flash_bwd_convert_dq(const __grid_constant__ BwdParams params) {
     const int c = lane_col();
-    if (c >= head_dim) return;
+    if (c >= params.head_dim) return;
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
         const int row_id = pass_row(p);
-        if (row_id >= rows_total) continue;
-        const int bh = row_id / seqlen_q, r = row_id % seqlen_q;
-        const float4* src = reinterpret_cast<const float4*>(dq_accum + dq_accum_offset(bh, r, c, seqlen_q, head_dim));
-        out.store8(bh, r, c, src[0], src[1]);
+        if (row_id >= params.rows_total) continue;
+        const int bh = row_id / params.seqlen_q, r = row_id % params.seqlen_q;
+        const float4* src = reinterpret_cast<const float4*>(params.dq_accum + dq_accum_offset(bh, r, c, params.seqlen_q, params.head_dim));
+        store_dq8(params, bh, r, c, src[0], src[1]);
     }
 }
 #endif

@@ -25,6 +25,7 @@
 #include "tile_scheduler.cuh"
 #include "bwd_passes.cuh"
 #include "dkdv_partial.cuh"
+#include "params.cuh"
 
 // Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
 // DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile).
@@ -58,19 +59,7 @@ __device__ __forceinline__ void load_row_stats_async(float* s, const float* g, i
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-               const elem_t* __restrict__ dout, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-               float* __restrict__ dq_accum, const float* __restrict__ lse2, const float* __restrict__ dsum,
-               float* __restrict__ dkdv_partial,
-               int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
-               int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
-               int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
-               int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
-               int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
-               int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
-               int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-               int num_n_blocks, int flush_every, float scale_log2, float scale,
-               unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
+flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sK = reinterpret_cast<elem_t*>(smem);  // (Bc, d), later the staging tile of dK
     elem_t* sV = sK + kBlockN * kPitch;             // (Bc, d), later the staging tile of dV
@@ -81,27 +70,27 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     float* sLse2 = reinterpret_cast<float*>(sdSt + kBlockN * kPitchP);  // 2 x Br
     float* sD = sLse2 + 2 * kBlockM;                                      // 2 x Br
 
-    const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN);
+    const KvBlockWork work(blockIdx.x, params.num_n_blocks, params.num_heads, params.num_heads_k, params.seqlen_q, params.seqlen_k, kBlockM, kBlockN);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
-    const int diag = seqlen_k - seqlen_q;
+    const int diag = params.seqlen_k - params.seqlen_q;
 
-    const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
-    const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
+    const elem_t* gK = params.k + batch * params.k_batch_stride + head_k * params.k_head_stride;
+    const elem_t* gV = params.v + batch * params.v_batch_stride + head_k * params.v_head_stride;
     // Q_i, dO_i, lse2_i, D_i of iteration `it` into buffer `stage`.
     auto load_q_tile = [&](int it, int stage) {
         const int head = work.head(it), m0 = work.m_block(it) * kBlockM;
-        const int64 stats = static_cast<int64>(batch * num_heads + head) * seqlen_q_pad + m0;
+        const int64 stats = static_cast<int64>(batch * params.num_heads + head) * params.seqlen_q_pad + m0;
         load_tile_async<kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
-                                           q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
-                                           q_row_stride, seqlen_q - m0, head_dim);
+                                           params.q + batch * params.q_batch_stride + head * params.q_head_stride + m0 * params.q_row_stride,
+                                           params.q_row_stride, params.seqlen_q - m0, params.head_dim);
         load_tile_async<kBlockM, kThreads>(sdO + stage * kBlockM * kPitch,
-                                           dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
-                                           do_row_stride, seqlen_q - m0, head_dim);
-        load_row_stats_async(sLse2 + stage * kBlockM, lse2 + stats, seqlen_q - m0);
-        load_row_stats_async(sD + stage * kBlockM, dsum + stats, seqlen_q - m0);
+                                           params.dout + batch * params.do_batch_stride + head * params.do_head_stride + m0 * params.do_row_stride,
+                                           params.do_row_stride, params.seqlen_q - m0, params.head_dim);
+        load_row_stats_async(sLse2 + stage * kBlockM, params.lse2 + stats, params.seqlen_q - m0);
+        load_row_stats_async(sD + stage * kBlockM, params.dsum + stats, params.seqlen_q - m0);
     };
 
-    load_kv_tile<kBlockN, kThreads>(sK, sV, gK, gV, k_row_stride, v_row_stride, n0, seqlen_k, head_dim);
+    load_kv_tile<kBlockN, kThreads>(sK, sV, gK, gV, params.k_row_stride, params.v_row_stride, n0, params.seqlen_k, params.head_dim);
     if (n_iters > 0) load_q_tile(0, 0);
     ptx::cp_async_commit();
 
@@ -109,8 +98,8 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     zero(acc_dk);
     zero(acc_dv);
     static_assert(GridKV::kMT * GridKV::kNT * 4 * kThreads == kBlockN * HEAD_DIM, "the warps hold (Bc, d) once");
-    const DkDvPartial<kThreads> partial{dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
-                                        flush_every};
+    const DkDvPartial<kThreads> partial{params.dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
+                                        params.flush_every};
 
     for (int it = 0; it < n_iters; ++it) {
         const int stage = it % 2;
@@ -135,9 +124,9 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             float acc_dp[GridSdP::kMT][GridSdP::kNT][4];
             zero(acc_dp);
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
-            softmax_backward(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, seqlen_k, diag,
-                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag),
-                             dropout::Rng{seed_lo, seed_hi, rng_offset, keep_threshold}, batch * num_heads + head, scale_log2);
+            softmax_backward(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, params.seqlen_k, diag,
+                             tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag),
+                             params.drop.rng, batch * params.num_heads + head, params.scale_log2);
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
             store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
         }
@@ -155,7 +144,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             float acc_dq[GridDQ::kMT][GridDQ::kNT][4];
             zero(acc_dq);
             warp_gemm_ss<GridDQ::kMT, GridDQ::kNT, kBlockN, true, true>(acc_dq, sdSt + r0, kPitchP, sK + c0, kPitch);
-            float* gdq = dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim);
+            float* gdq = params.dq_accum + dq_accum_offset(batch * params.num_heads + head, m0, 0, params.seqlen_q, params.head_dim);
 #pragma unroll
             for (int mt = 0; mt < GridDQ::kMT; ++mt)
 #pragma unroll
@@ -163,8 +152,8 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
                         const int row = r0 + acc_row(mt, 2 * hh), col = c0 + acc_col(nt, 0);
-                        if (m0 + row < seqlen_q && col < head_dim)
-                            ptx::red_add_f32x2(gdq + static_cast<int64>(row) * head_dim + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
+                        if (m0 + row < params.seqlen_q && col < params.head_dim)
+                            ptx::red_add_f32x2(gdq + static_cast<int64>(row) * params.head_dim + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
                     }
         }
         partial.after_tile(it, acc_dk, acc_dv, threadIdx.x);
@@ -177,14 +166,14 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     __syncthreads();
     {
         const int r0 = GridKV::row0(), c0 = GridKV::col0();
-        store_acc(sK + r0 * kPitch + c0, kPitch, acc_dk, scale);
-        store_acc(sV + r0 * kPitch + c0, kPitch, acc_dv, rp_dropout);
+        store_acc(sK + r0 * kPitch + c0, kPitch, acc_dk, params.ds_scale);
+        store_acc(sV + r0 * kPitch + c0, kPitch, acc_dv, params.drop.rp_dropout);
     }
     __syncthreads();
-    store_tile<kBlockN, kThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
-                                  sK, dk_row_stride, seqlen_k - n0, head_dim);
-    store_tile<kBlockN, kThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
-                                  sV, dv_row_stride, seqlen_k - n0, head_dim);
+    store_tile<kBlockN, kThreads>(params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride,
+                                  sK, params.dk_row_stride, params.seqlen_k - n0, params.head_dim);
+    store_tile<kBlockN, kThreads>(params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride,
+                                  sV, params.dv_row_stride, params.seqlen_k - n0, params.head_dim);
 }
 
 // ---- deterministic dQ: each warp owns 16 query rows, K/V tiles of DQ_BLOCK_N keys stream through
@@ -195,50 +184,40 @@ constexpr int kDqNT = DQ_BLOCK_N / 8;
 constexpr int kDT = HEAD_DIM / 8;
 
 extern "C" __global__ void __launch_bounds__(kDqThreads)
-flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-             const elem_t* __restrict__ dout, elem_t* __restrict__ dq,
-             const float* __restrict__ lse2, const float* __restrict__ dsum,
-             int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
-             int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
-             int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
-             int64 do_batch_stride, int64 do_row_stride, int64 do_head_stride,
-             int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride,
-             int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-             int num_m_blocks, float scale_log2, float scale,
-             unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold) {
+flash_bwd_dq(const __grid_constant__ BwdParams params) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem);  // (Br, d), later the staging tile of dQ
     elem_t* sdO = sQ + kBlockM * kPitch;            // (Br, d)
     elem_t* sK = sdO + kBlockM * kPitch;            // 2 x (Bc, d)
     elem_t* sV = sK + 2 * kDqBlockN * kPitch;       // 2 x (Bc, d)
 
-    const int bh = blockIdx.x / num_m_blocks;
-    int m_block = blockIdx.x % num_m_blocks;
-    if (IS_CAUSAL) m_block = num_m_blocks - 1 - m_block;  // heaviest first
-    const int batch = bh / num_heads, head = bh % num_heads;
-    const int head_k = head / (num_heads / num_heads_k);
-    const int m0 = m_block * kBlockM, diag = seqlen_k - seqlen_q;
+    const int bh = blockIdx.x / params.num_m_blocks;
+    int m_block = blockIdx.x % params.num_m_blocks;
+    if (IS_CAUSAL) m_block = params.num_m_blocks - 1 - m_block;  // heaviest first
+    const int batch = bh / params.num_heads, head = bh % params.num_heads;
+    const int head_k = head / (params.num_heads / params.num_heads_k);
+    const int m0 = m_block * kBlockM, diag = params.seqlen_k - params.seqlen_q;
     const int warp_row0 = (threadIdx.x / 32) * 16;
-    const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
-    const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
-    const int n_block_max = kv_blocks_visited(m0, kBlockM, kDqBlockN, seqlen_k, diag);
+    const elem_t* gK = params.k + batch * params.k_batch_stride + head_k * params.k_head_stride;
+    const elem_t* gV = params.v + batch * params.v_batch_stride + head_k * params.v_head_stride;
+    const int n_block_max = kv_blocks_visited(m0, kBlockM, kDqBlockN, params.seqlen_k, diag);
 
-    // lse2 and D of this thread's two rows
+    // params.lse2 and D of this thread's two rows
     float row_lse2[2], row_d[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int r = m0 + warp_row0 + acc_row(0, 2 * hh);
-        const int64 i = static_cast<int64>(bh) * seqlen_q_pad + r;
-        row_lse2[hh] = r < seqlen_q ? lse2[i] : 0.f;
-        row_d[hh] = r < seqlen_q ? dsum[i] : 0.f;
+        const int64 i = static_cast<int64>(bh) * params.seqlen_q_pad + r;
+        row_lse2[hh] = r < params.seqlen_q ? params.lse2[i] : 0.f;
+        row_d[hh] = r < params.seqlen_q ? params.dsum[i] : 0.f;
     }
 
-    load_tile_async<kBlockM, kDqThreads>(sQ, q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
-                                         q_row_stride, seqlen_q - m0, head_dim);
-    load_tile_async<kBlockM, kDqThreads>(sdO, dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
-                                         do_row_stride, seqlen_q - m0, head_dim);
+    load_tile_async<kBlockM, kDqThreads>(sQ, params.q + batch * params.q_batch_stride + head * params.q_head_stride + m0 * params.q_row_stride,
+                                         params.q_row_stride, params.seqlen_q - m0, params.head_dim);
+    load_tile_async<kBlockM, kDqThreads>(sdO, params.dout + batch * params.do_batch_stride + head * params.do_head_stride + m0 * params.do_row_stride,
+                                         params.do_row_stride, params.seqlen_q - m0, params.head_dim);
     if (n_block_max > 0)
-        load_kv_tile<kDqBlockN, kDqThreads>(sK, sV, gK, gV, k_row_stride, v_row_stride, 0, seqlen_k, head_dim);
+        load_kv_tile<kDqBlockN, kDqThreads>(sK, sV, gK, gV, params.k_row_stride, params.v_row_stride, 0, params.seqlen_k, params.head_dim);
     ptx::cp_async_commit();
 
     float acc_dq[1][kDT][4];
@@ -249,7 +228,7 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
         __syncthreads();
         if (n_block + 1 < n_block_max)
             load_kv_tile<kDqBlockN, kDqThreads>(sK + (stage ^ 1) * kDqBlockN * kPitch, sV + (stage ^ 1) * kDqBlockN * kPitch,
-                                                gK, gV, k_row_stride, v_row_stride, n0 + kDqBlockN, seqlen_k, head_dim);
+                                                gK, gV, params.k_row_stride, params.v_row_stride, n0 + kDqBlockN, params.seqlen_k, params.head_dim);
         ptx::cp_async_commit();
         const elem_t* sKj = sK + stage * kDqBlockN * kPitch;
         const elem_t* sVj = sV + stage * kDqBlockN * kPitch;
@@ -260,18 +239,18 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
         zero(acc_dp);
         warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
         warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_dp, sdO + warp_row0 * kPitch, kPitch, sVj, kPitch);
-        // dS = P * (dP - D) with P = exp2(S * scale_log2 - lse2), 0 where invisible
+        // dS = P * (dP - D) with P = exp2(S * params.scale_log2 - params.lse2), 0 where invisible
         // (dS' = P * (dP * Z - D') with dropout)
-        const bool need_mask = tile_needs_mask(m0, n0, kDqBlockN, seqlen_k, diag);
-        const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
+        const bool need_mask = tile_needs_mask(m0, n0, kDqBlockN, params.seqlen_k, diag);
+        const dropout::Rng rng = params.drop.rng;
 #pragma unroll
         for (int nt = 0; nt < kDqNT; ++nt) {
             const unsigned keep = IS_DROPOUT ? dropout::keep_bits_qk(rng, bh, m0 + warp_row0, n0 + nt * 8) : 0xfu;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = m0 + warp_row0 + acc_row(0, e), key = n0 + acc_col(nt, e);
-                float p = ptx::exp2_approx(fmaf(acc_s[0][nt][e], scale_log2, -row_lse2[e / 2]));
-                if (need_mask && !visible(row, key, seqlen_k, diag)) p = 0.f;
+                float p = ptx::exp2_approx(fmaf(acc_s[0][nt][e], params.scale_log2, -row_lse2[e / 2]));
+                if (need_mask && !visible(row, key, params.seqlen_k, diag)) p = 0.f;
                 acc_dp[0][nt][e] = p * ((keep >> e & 1 ? acc_dp[0][nt][e] : 0.f) - row_d[e / 2]);
             }
         }
@@ -285,8 +264,8 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
     // waited on); each warp stages only its own rows.
     ptx::cp_async_wait<0>();
     __syncthreads();
-    store_acc(sQ + warp_row0 * kPitch, kPitch, acc_dq, scale);
+    store_acc(sQ + warp_row0 * kPitch, kPitch, acc_dq, params.ds_scale);
     __syncthreads();
-    store_tile<kBlockM, kDqThreads>(dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride,
-                                    sQ, dq_row_stride, seqlen_q - m0, head_dim);
+    store_tile<kBlockM, kDqThreads>(params.dq + batch * params.dq_batch_stride + head * params.dq_head_stride + m0 * params.dq_row_stride,
+                                    sQ, params.dq_row_stride, params.seqlen_q - m0, params.head_dim);
 }

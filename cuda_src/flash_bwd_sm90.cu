@@ -37,6 +37,7 @@
 #include "warpgroup_gemm.cuh"
 #include "bwd_passes.cuh"
 #include "dkdv_partial.cuh"
+#include "params.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_bwd_sm90.cu needs -arch=sm_90a"
@@ -95,19 +96,11 @@ __device__ __forceinline__ void store_dq_rows(float* sdq, const float (&acc)[NT]
                 make_float2(acc[nt][2 * hh], acc[nt][2 * hh + 1]);
 }
 
-// Per (batch, kv head) its dK/dV CTAs whose dQ reductions have all landed, then a flag per dQ
-// tile, set by the converter CTA that converts it; zeroed by the launcher with the accumulator.
-struct DqSync {
-    int* done;
-    int* converted;
-};
-
 // Converter CTA `converter` of num_converters: the dQ tiles of turns converter + k *
-// num_converters (kConvGroup tiles each) whose kv heads are done. Thread 0 copies them into a
-// ring of kConvSlots slots; warpgroups 1 and 2 convert them into dQ.
-__device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, const float* dq_accum, const DqSync& sync,
-                                                         const DqOut& out, int converter, int num_converters,
-                                                         int num_n_blocks, int num_heads_k, int num_tiles) {
+// num_converters (kConvGroup tiles each) whose kv heads are done (dq_done: per (batch, kv head),
+// its dK/dV CTAs whose dQ reductions have landed), each marked in dq_converted. Thread 0 copies
+// them into a ring of kConvSlots slots; warpgroups 1 and 2 convert them into dQ.
+__device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, const BwdParams& params, int converter) {
     float* slots = reinterpret_cast<float*>(smem);
     int* slot_tile = reinterpret_cast<int*>(slots + kConvSlots * DqTile::kFloats);
     const unsigned bar0 = smem_u32(slot_tile + 2 * kConvSlots);
@@ -120,23 +113,23 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
         ptx::fence_mbar_init();
     }
     __syncthreads();
-    const int m_blocks = DqTile::m_blocks(out.seqlen_q), group = out.num_heads / num_heads_k;
+    const int m_blocks = DqTile::m_blocks(params.seqlen_q), group = params.num_heads / params.num_heads_k;
     constexpr unsigned kTileBytes = DqTile::kFloats * 4;
     if (threadIdx.x == 0) {
         int k = 0;
-        for (int turn = converter, kv_seen = -1, kv_done = 0; turn * kConvGroup < num_tiles; turn += num_converters)
-            for (int t = turn * kConvGroup; t < min(num_tiles, (turn + 1) * kConvGroup); ++t) {
-                const int bh = t / m_blocks, kv = bh / out.num_heads * num_heads_k + bh % out.num_heads / group;
+        for (int turn = converter, kv_seen = -1, kv_done = 0; turn * kConvGroup < params.num_dq_tiles; turn += params.num_converters)
+            for (int t = turn * kConvGroup; t < min(params.num_dq_tiles, (turn + 1) * kConvGroup); ++t) {
+                const int bh = t / m_blocks, kv = bh / params.num_heads * params.num_heads_k + bh % params.num_heads / group;
                 if (kv != kv_seen) {
                     kv_seen = kv;
-                    kv_done = ptx::ld_acquire(sync.done + kv) == num_n_blocks;
+                    kv_done = ptx::ld_acquire(params.dq_done + kv) == params.num_n_blocks;
                 }
                 if (!kv_done) continue;
-                sync.converted[t] = 1;
+                params.dq_converted[t] = 1;
                 ring.wait_empty(k);
                 slot_tile[k % kConvSlots] = t;
                 ptx::mbar_arrive_expect_tx(ring.full(k), kTileBytes);
-                ptx::bulk_load(smem_u32(slots + k % kConvSlots * DqTile::kFloats), dq_accum + static_cast<int64>(t) * DqTile::kFloats,
+                ptx::bulk_load(smem_u32(slots + k % kConvSlots * DqTile::kFloats), params.dq_accum + static_cast<int64>(t) * DqTile::kFloats,
                                kTileBytes, ring.full(k));
                 ++k;
             }
@@ -152,7 +145,7 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
             for (int j = threadIdx.x - 128; j < DqTile::kFloats / 8; j += kConsumerThreads) {
                 float4 a, b;
                 DqTile::load_chunk(tile, j, a, b);
-                out.store_chunk(t, j, m_blocks, a, b);
+                store_dq_chunk(params, t, j, m_blocks, a, b);
             }
             ptx::mbar_arrive(ring.empty(k));  // by every thread, each after its own reads of the slot and slot_tile
         }
@@ -160,27 +153,13 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
-                    const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
-                    elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum,
-                    elem_t* __restrict__ dq, int* __restrict__ dq_sync,
-                    const float* __restrict__ lse2, const float* __restrict__ dsum, float* __restrict__ dkdv_partial,
-                    int64 dk_batch_stride, int64 dk_row_stride, int64 dk_head_stride,
-                    int64 dv_batch_stride, int64 dv_row_stride, int64 dv_head_stride,
-                    int64 dq_batch_stride, int64 dq_row_stride, int64 dq_head_stride, int num_converters,
-                    int seqlen_q, int seqlen_q_pad, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-                    int num_n_blocks, int flush_every, float scale_log2, float scale,
-                    unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
+flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned misalign = smem_u32(smem_raw) % 1024;
     unsigned char* smem = smem_raw + (misalign ? 1024 - misalign : 0);
-    const int num_dkdv_ctas = gridDim.x - num_converters;
-    const DqSync sync{dq_sync, dq_sync + num_dkdv_ctas / num_n_blocks};
+    const int num_dkdv_ctas = gridDim.x - params.num_converters;
     if (blockIdx.x >= num_dkdv_ctas) {
-        const DqOut out{dq, dq_batch_stride, dq_row_stride, dq_head_stride, scale, seqlen_q, num_heads, head_dim};
-        const int num_tiles = num_dkdv_ctas / num_n_blocks / num_heads_k * num_heads * DqTile::m_blocks(seqlen_q);
-        convert_dq_of_done_heads(smem, dq_accum, sync, out, blockIdx.x - num_dkdv_ctas, num_converters, num_n_blocks,
-                                 num_heads_k, num_tiles);
+        convert_dq_of_done_heads(smem, params, blockIdx.x - num_dkdv_ctas);
         return;
     }
     elem_t* sK = reinterpret_cast<elem_t*>(smem);         // (Bc, d), later dK
@@ -199,12 +178,12 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const ptx::MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
     const unsigned bar_landed = bar_kv + 8 * (1 + 3 * kStages);  // the dQ reductions have landed
 
-    const KvBlockWork work(blockIdx.x, num_n_blocks, num_heads, num_heads_k, seqlen_q, seqlen_k, kBlockM, kBlockN,
+    const KvBlockWork work(blockIdx.x, params.num_n_blocks, params.num_heads, params.num_heads_k, params.seqlen_q, params.seqlen_k, kBlockM, kBlockN,
                            kInStep);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
-    const int diag = seqlen_k - seqlen_q;
+    const int diag = params.seqlen_k - params.seqlen_q;
 
-    const int kv_head = blockIdx.x / num_n_blocks;
+    const int kv_head = blockIdx.x / params.num_n_blocks;
     if (threadIdx.x == 0) {
         ptx::mbar_init(bar_kv, 1);
         for (int s = 0; s < kStages; ++s) {
@@ -222,8 +201,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         if (threadIdx.x == 0) {
             if (n_iters > 0) {
                 ptx::mbar_arrive_expect_tx(bar_kv, kKVBytes);
-                tma_load_tile<kBlockN>(sK, tma_k, n0, head_k, batch, bar_kv);
-                tma_load_tile<kBlockN>(sV, tma_v, n0, head_k, batch, bar_kv);
+                tma_load_tile<kBlockN>(sK, maps.k, n0, head_k, batch, bar_kv);
+                tma_load_tile<kBlockN>(sV, maps.v, n0, head_k, batch, bar_kv);
             }
             for (int i = 0; i < n_iters; ++i) {
                 q_ring.wait_empty(i);
@@ -231,23 +210,23 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 elem_t* slot_do = sdO + (i % kStages) * kBlockM * HEAD_DIM;
                 ptx::mbar_arrive_expect_tx(q_ring.full(i), kQdOBytes);
                 const int m0 = work.m_block(i) * kBlockM, head = work.head(i);
-                tma_load_tile<kBlockM>(slot_q, tma_q, m0, head, batch, q_ring.full(i));
-                tma_load_tile<kBlockM>(slot_do, tma_do, m0, head, batch, q_ring.full(i));
+                tma_load_tile<kBlockM>(slot_q, maps.q, m0, head, batch, q_ring.full(i));
+                tma_load_tile<kBlockM>(slot_do, maps.o_or_do, m0, head, batch, q_ring.full(i));
             }
             // The converter CTAs' signal, given here so that its fence delays no consumer.
             ptx::mbar_wait(bar_landed, 0);
-            ptx::red_release_add(sync.done + kv_head, 1);
+            ptx::red_release_add(params.dq_done + kv_head, 1);
         } else if (threadIdx.x / 32 == 1) {
             const int lane = threadIdx.x % 32;
             for (int i = 0; i < n_iters; ++i) {
                 q_ring.wait_empty(i);
                 const int m0 = work.m_block(i) * kBlockM;
-                const int64 row0 = static_cast<int64>(batch * num_heads + work.head(i)) * seqlen_q_pad + m0;
+                const int64 row0 = static_cast<int64>(batch * params.num_heads + work.head(i)) * params.seqlen_q_pad + m0;
                 float* slot = sStats + (i % kStages) * 2 * kBlockM;
                 for (int r = lane; r < kBlockM; r += 32) {
-                    const bool valid = m0 + r < seqlen_q;
-                    slot[r] = valid ? lse2[row0 + r] : 0.f;
-                    slot[kBlockM + r] = valid ? dsum[row0 + r] : 0.f;
+                    const bool valid = m0 + r < params.seqlen_q;
+                    slot[r] = valid ? params.lse2[row0 + r] : 0.f;
+                    slot[kBlockM + r] = valid ? params.dsum[row0 + r] : 0.f;
                 }
                 ptx::mbar_arrive(stats_ring.full(i));
             }
@@ -259,7 +238,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
                 ptx::named_barrier(kDqStored, kDqBarrierThreads);
                 if (lane == 0) {
                     const int m0 = work.m_block(i) * kBlockM, head = work.head(i);
-                    ptx::bulk_reduce_add_f32(dq_accum + dq_accum_offset(batch * num_heads + head, m0, 0, seqlen_q, head_dim), sdQ,
+                    ptx::bulk_reduce_add_f32(params.dq_accum + dq_accum_offset(batch * params.num_heads + head, m0, 0, params.seqlen_q, params.head_dim), sdQ,
                                              DqTile::kFloats * 4);
                     ptx::bulk_commit();
                     ptx::bulk_wait_read<0>();
@@ -280,7 +259,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     const int tid = threadIdx.x - 128;
     const int wg = tid / 128;
     const int warp_key0 = (kSplitD ? tid / 32 % 4 : tid / 32) * 16;  // the warp's keys in the tile, as in the mma C layout
-    const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
+    const dropout::Rng rng = params.drop.rng;
 
     // Tile i of the CTA's walk: its query head and first row, its Q and dO slots, its lse2 and D.
     struct QTile {
@@ -294,8 +273,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
     };
 
     static_assert(kWgDT * 4 * kConsumerThreads == kBlockN * HEAD_DIM, "the consumers hold (Bc, d) once");
-    const DkDvPartial<kConsumerThreads> partial{dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
-                                                flush_every};
+    const DkDvPartial<kConsumerThreads> partial{params.dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
+                                                params.flush_every};
 
     // dK = scale * acc_dk, dV = rp_dropout * acc_dv (the warpgroup's keys and columns), staged
     // through sK and sV once no warpgroup reads them.
@@ -304,18 +283,18 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
         for (int dt = 0; dt < kWgDT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                acc_dk[0][dt][e] *= scale;
-                acc_dv[0][dt][e] *= rp_dropout;
+                acc_dk[0][dt][e] *= params.ds_scale;
+                acc_dv[0][dt][e] *= params.drop.rp_dropout;
             }
         const int panel0 = kSplitD ? wg * kWgCols / 64 : 0;
         ptx::named_barrier(1, kConsumerThreads);
         stmatrix_acc_swizzled<kBlockN>(sK + panel0 * kBlockN * 64, acc_dk, warp_key0);
         stmatrix_acc_swizzled<kBlockN>(sV + panel0 * kBlockN * 64, acc_dv, warp_key0);
         ptx::named_barrier(1, kConsumerThreads);
-        store_tile_swizzled<kBlockN, kConsumerThreads>(dk + batch * dk_batch_stride + head_k * dk_head_stride + n0 * dk_row_stride,
-                                                       sK, dk_row_stride, seqlen_k - n0, head_dim, tid);
-        store_tile_swizzled<kBlockN, kConsumerThreads>(dv + batch * dv_batch_stride + head_k * dv_head_stride + n0 * dv_row_stride,
-                                                       sV, dv_row_stride, seqlen_k - n0, head_dim, tid);
+        store_tile_swizzled<kBlockN, kConsumerThreads>(params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride,
+                                                       sK, params.dk_row_stride, params.seqlen_k - n0, params.head_dim, tid);
+        store_tile_swizzled<kBlockN, kConsumerThreads>(params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride,
+                                                       sV, params.dv_row_stride, params.seqlen_k - n0, params.head_dim, tid);
     };
 
 #if BLOCK_N == 64  // kSplitD: only one consumer loop is compiled, for each names shapes the other's layout lacks
@@ -354,8 +333,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             fence_regs(acc_x);
             float signed_p[1][kBlockM / 8][4];
             if (wg == 0) {
-                probs(acc_x, signed_p, stats, warp_key0, 0, m0, n0, seqlen_k, diag, tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag),
-                      rng, batch * num_heads + head, scale_log2);
+                probs(acc_x, signed_p, stats, warp_key0, 0, m0, n0, params.seqlen_k, diag, tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag),
+                      rng, batch * params.num_heads + head, params.scale_log2);
 #pragma unroll
                 for (int nt = 0; nt < kBlockM / 8; ++nt)
                     px[nt * 128] = make_float4(signed_p[0][nt][0], signed_p[0][nt][1], signed_p[0][nt][2], signed_p[0][nt][3]);
@@ -433,8 +412,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant
             ptx::wgmma_wait<0>();
             fence_regs(acc_s);
             fence_regs(acc_dp);
-            softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, seqlen_k, diag,
-                             tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag), rng, batch * num_heads + head, scale_log2);
+            softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, params.seqlen_k, diag,
+                             tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), rng, batch * params.num_heads + head, params.scale_log2);
 
             // dV += P^T dO_i; dS^T goes to shared memory for dQ while that GEMM runs.
             unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];

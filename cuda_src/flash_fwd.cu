@@ -9,6 +9,7 @@
 // With IS_DROPOUT, the P that feeds P V has its dropped entries zeroed (m and l, hence lse, stay
 // those of the undropped P) and O is scaled by 1 / (1 - p) once, in the epilogue.
 #include "online_softmax.cuh"
+#include "params.cuh"
 
 // Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL, IS_DROPOUT.
 constexpr int kBlockM = BLOCK_M;
@@ -23,36 +24,28 @@ static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0, "P V consumes keys 16 at a time");
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-          elem_t* __restrict__ o, float* __restrict__ lse,
-          int64 q_batch_stride, int64 q_row_stride, int64 q_head_stride,
-          int64 k_batch_stride, int64 k_row_stride, int64 k_head_stride,
-          int64 v_batch_stride, int64 v_row_stride, int64 v_head_stride,
-          int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
-          int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-          int num_m_blocks, float scale_log2,
-          unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
+flash_fwd(const __grid_constant__ FwdParams params) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem);      // (Br, d), later the staging tile of O
     elem_t* sK = sQ + kBlockM * kPitch;                 // kStages x (Bc, d)
     elem_t* sV = sK + kStages * kBlockN * kPitch;       // kStages x (Bc, d)
 
     // Heads of one batch entry are consecutive; within a head, causal tiles run heaviest first.
-    const int bh = blockIdx.x / num_m_blocks;
-    int m_block = blockIdx.x % num_m_blocks;
-    if (IS_CAUSAL) m_block = num_m_blocks - 1 - m_block;
-    const int batch = bh / num_heads, head = bh % num_heads;
-    const int head_k = head / (num_heads / num_heads_k);
+    const int bh = blockIdx.x / params.num_m_blocks;
+    int m_block = blockIdx.x % params.num_m_blocks;
+    if (IS_CAUSAL) m_block = params.num_m_blocks - 1 - m_block;
+    const int batch = bh / params.num_heads, head = bh % params.num_heads;
+    const int head_k = head / (params.num_heads / params.num_heads_k);
     const int m0 = m_block * kBlockM;
 
     const int warp_row0 = (threadIdx.x / 32) * kRowsPerWarp;
 
-    const elem_t* gQ = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
-    const elem_t* gK = k + batch * k_batch_stride + head_k * k_head_stride;
-    const elem_t* gV = v + batch * v_batch_stride + head_k * v_head_stride;
+    const elem_t* gQ = params.q + batch * params.q_batch_stride + head * params.q_head_stride + m0 * params.q_row_stride;
+    const elem_t* gK = params.k + batch * params.k_batch_stride + head_k * params.k_head_stride;
+    const elem_t* gV = params.v + batch * params.v_batch_stride + head_k * params.v_head_stride;
 
-    const int diag = seqlen_k - seqlen_q;
-    const int n_block_max = kv_blocks_visited(m0, kBlockM, kBlockN, seqlen_k, diag);
+    const int diag = params.seqlen_k - params.seqlen_q;
+    const int n_block_max = kv_blocks_visited(m0, kBlockM, kBlockN, params.seqlen_k, diag);
 
     float acc_o[kMT][kDT][4];  // (Br, d) slice of this warp, unnormalised O
     float m_i[kMT][2];         // running row max of S * scale * log2(e)
@@ -68,12 +61,12 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
     }
 
     // Prologue: Q and the first kStages - 1 K/V tiles, one cp.async group per tile (maybe empty).
-    if (n_block_max > 0) load_tile_async<kBlockM, kThreads>(sQ, gQ, q_row_stride, seqlen_q - m0, head_dim);
+    if (n_block_max > 0) load_tile_async<kBlockM, kThreads>(sQ, gQ, params.q_row_stride, params.seqlen_q - m0, params.head_dim);
 #pragma unroll
     for (int stage = 0; stage < kStages - 1; ++stage) {
         const int n0 = (n_block_max - 1 - stage) * kBlockN;
         if (n0 >= 0) load_kv_tile<kBlockN, kThreads>(sK + stage * kBlockN * kPitch, sV + stage * kBlockN * kPitch, gK, gV,
-                                  k_row_stride, v_row_stride, n0, seqlen_k, head_dim);
+                                  params.k_row_stride, params.v_row_stride, n0, params.seqlen_k, params.head_dim);
         ptx::cp_async_commit();
     }
 
@@ -86,7 +79,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
             const int n_next = n0 - (kStages - 1) * kBlockN;
             const int stage_next = (it + kStages - 1) % kStages;
             if (n_next >= 0) load_kv_tile<kBlockN, kThreads>(sK + stage_next * kBlockN * kPitch, sV + stage_next * kBlockN * kPitch, gK, gV,
-                                          k_row_stride, v_row_stride, n_next, seqlen_k, head_dim);
+                                          params.k_row_stride, params.v_row_stride, n_next, params.seqlen_k, params.head_dim);
             ptx::cp_async_commit();
         }
         const elem_t* sKj = sK + (it % kStages) * kBlockN * kPitch;
@@ -97,11 +90,11 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
         zero(acc_s);
         warp_gemm_ss<kMT, kNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
 
-        if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, seqlen_k, diag);
+        if (tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, params.seqlen_k, diag);
         float alpha[kMT][2];
-        softmax_update(acc_s, m_i, l_i, alpha, scale_log2);
+        softmax_update(acc_s, m_i, l_i, alpha, params.scale_log2);
         rescale_rows(acc_o, alpha);
-        if (IS_DROPOUT) drop_scores(acc_s, dropout::Rng{seed_lo, seed_hi, rng_offset, keep_threshold}, bh, m0 + warp_row0, n0);
+        if (IS_DROPOUT) drop_scores(acc_s, params.drop.rng, bh, m0 + warp_row0, n0);
 
         // O += P V_j   (Br, d); P rounded to the input type, straight from the S registers.
         unsigned p[kMT][kBlockN / 16][4];
@@ -113,10 +106,10 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
     // groups are empty. The warp's lanes store into rows that other lanes' ldmatrix read, so the
     // warp syncs first (without it racecheck reports each such pair as a warp-level hazard).
     // rp_dropout is 1 / (1 - p), and 1 without dropout.
-    normalize_rows(acc_o, m_i, l_i, rp_dropout, lse + static_cast<int64>(bh) * seqlen_q, m0 + warp_row0, seqlen_q);
+    normalize_rows(acc_o, m_i, l_i, params.drop.rp_dropout, params.lse + static_cast<int64>(bh) * params.seqlen_q, m0 + warp_row0, params.seqlen_q);
     __syncwarp();
     store_acc(sQ + warp_row0 * kPitch, kPitch, acc_o, 1.f);
     __syncthreads();
-    store_tile<kBlockM, kThreads>(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride,
-                                  sQ, o_row_stride, seqlen_q - m0, head_dim);
+    store_tile<kBlockM, kThreads>(params.o + batch * params.o_batch_stride + head * params.o_head_stride + m0 * params.o_row_stride,
+                                  sQ, params.o_row_stride, params.seqlen_q - m0, params.head_dim);
 }

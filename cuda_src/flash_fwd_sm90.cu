@@ -24,6 +24,7 @@
 // threads copies out by TMA (O_STAGED; where that tile does not fit, d256, O goes from registers
 // straight to global memory, two elements per store).
 #include "online_softmax.cuh"
+#include "params.cuh"
 #include "tile_scheduler.cuh"
 #include "warpgroup_gemm.cuh"
 
@@ -79,13 +80,7 @@ constexpr bool kRowsEndAligned = IS_CAUSAL && kStageO;
 constexpr bool kQInRegs = HEAD_DIM <= 128 && kConsumers == 2 && !IS_DROPOUT;
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
-               const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_o,
-               elem_t* __restrict__ o, float* __restrict__ lse,
-               int64 o_batch_stride, int64 o_row_stride, int64 o_head_stride,
-               int seqlen_q, int seqlen_k, int num_heads, int num_heads_k, int head_dim,
-               int num_m_blocks, int num_bh, int tail_heads, int* __restrict__ unit_counter, float scale_log2,
-               unsigned seed_lo, unsigned seed_hi, unsigned rng_offset, unsigned keep_threshold, float rp_dropout) {
+flash_fwd_sm90(const __grid_constant__ FwdParams params, const __grid_constant__ TmaMaps maps) {
     // Swizzle atoms must be 1024-byte aligned; the launcher adds 1 KB of slack.
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned misalign = smem_u32(smem_raw) % 1024;
@@ -106,14 +101,14 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     // read ordered before the slot is rewritten).
     constexpr unsigned kUnitReaders = 1 + kConsumerThreads;
     const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 4 * kStages + 4)),
-                          {bar0 + 8 * (2 + 4 * kStages), bar0 + 8 * (4 + 4 * kStages)}, unit_counter};
+                          {bar0 + 8 * (2 + 4 * kStages), bar0 + 8 * (4 + 4 * kStages)}, params.unit_counter};
 
-    const TileSchedule schedule{num_m_blocks, num_bh, tail_heads};
-    const int diag = seqlen_k - seqlen_q;
-    const int group = num_heads / num_heads_k;
-    const int row_shift = kRowsEndAligned ? (num_m_blocks * kBlockM - seqlen_q) / 64 * 64 : 0;
+    const TileSchedule schedule{params.num_m_blocks, params.num_bh, params.tail_heads};
+    const int diag = params.seqlen_k - params.seqlen_q;
+    const int group = params.num_heads / params.num_heads_k;
+    const int row_shift = kRowsEndAligned ? (params.num_m_blocks * kBlockM - params.seqlen_q) / 64 * 64 : 0;
     auto row0_of = [&](int m_block) { return m_block * kBlockM - row_shift; };  // may be < 0
-    auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(row0_of(m_block), kBlockM, kBlockN, seqlen_k, diag); };
+    auto n_tiles_of = [&](int m_block) { return kv_blocks_visited(row0_of(m_block), kBlockM, kBlockN, params.seqlen_k, diag); };
 
     if (threadIdx.x == 0) {
         ptx::mbar_init(q_ring.full(0), 1);
@@ -137,16 +132,16 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
         if (threadIdx.x == 0) {  // K/V tiles
             int ring = 0;
             for_each_tile<true>(schedule, queue, [&](int bh, int m_block) {
-                const int batch = bh / num_heads, head_k = bh % num_heads / group;
+                const int batch = bh / params.num_heads, head_k = bh % params.num_heads / group;
                 const int n_tiles = n_tiles_of(m_block);
                 for (int t = 0; t < n_tiles; ++t, ++ring) {
                     const int slot = (ring % kStages) * kBlockN * HEAD_DIM, n0 = (n_tiles - 1 - t) * kBlockN;
                     k_ring.wait_empty(ring);
                     ptx::mbar_arrive_expect_tx(k_ring.full(ring), kKVBytes);
-                    tma_load_tile<kBlockN>(sK + slot, tma_k, n0, head_k, batch, k_ring.full(ring));
+                    tma_load_tile<kBlockN>(sK + slot, maps.k, n0, head_k, batch, k_ring.full(ring));
                     v_ring.wait_empty(ring);
                     ptx::mbar_arrive_expect_tx(v_ring.full(ring), kKVBytes);
-                    tma_load_tile<kBlockN>(sV + slot, tma_v, n0, head_k, batch, v_ring.full(ring));
+                    tma_load_tile<kBlockN>(sV + slot, maps.v, n0, head_k, batch, v_ring.full(ring));
                 }
             });
         } else if (threadIdx.x == 32) {  // Q tiles, each once the last S of the previous one is issued
@@ -155,7 +150,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 if (n_tiles_of(m_block) == 0) return;
                 q_ring.wait_empty(q_tiles);
                 ptx::mbar_arrive_expect_tx(q_ring.full(q_tiles), kQBytes);
-                tma_load_tile<kBlockM>(sQ, tma_q, row0_of(m_block), bh % num_heads, bh / num_heads, q_ring.full(q_tiles));
+                tma_load_tile<kBlockM>(sQ, maps.q, row0_of(m_block), bh % params.num_heads, bh / params.num_heads, q_ring.full(q_tiles));
                 ++q_tiles;
             });
         }
@@ -167,7 +162,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
     const int wg = tid / 128;
     const int wg_row0 = wg * 64;                      // the warpgroup's rows of the tile
     const int warp_row0 = (tid / 32) * 16;            // the warp's rows, as in the mma C layout
-    const dropout::Rng rng{seed_lo, seed_hi, rng_offset, keep_threshold};
+    const dropout::Rng rng = params.drop.rng;
     int ring = 0, q_tiles = 0;
 
     for_each_tile<false>(schedule, queue, [&](int bh, int m_block) {
@@ -201,8 +196,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             auto softmax = [&](int t) {      // S_t -> P_t in place; m, l updated, alpha left for O
                 fence_regs(acc_s);
                 const int n0 = key0(t);
-                if (tile_needs_mask(m0, n0, kBlockN, seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, seqlen_k, diag);
-                softmax_update(acc_s, m_i, l_i, alpha, scale_log2);
+                if (tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, params.seqlen_k, diag);
+                softmax_update(acc_s, m_i, l_i, alpha, params.scale_log2);
                 if (IS_DROPOUT) drop_scores(acc_s, rng, bh, m0 + warp_row0, n0);
             };
             auto release_q = [&]() {         // every S of this tile has been read out of sQ
@@ -226,7 +221,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             k_ring.release_by_warp(r0);
             if (!kQInRegs && n_tiles == 1) release_q();
             softmax(0);
-            if (kFoldScale && n_tiles == 1) fold_output_scale(acc_s, l_i, alpha, rp_dropout);
+            if (kFoldScale && n_tiles == 1) fold_output_scale(acc_s, l_i, alpha, params.drop.rp_dropout);
             if (kWaitVInSoftmax) v_ring.wait_full(r0);
             acc_to_a_frags(p, acc_s);
             for (int t = 1; t < n_tiles; ++t) {
@@ -247,7 +242,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
                 fence_regs(acc_o);
                 fence_regs(p);
                 v_ring.release_by_warp(r0 + t - 1);
-                if (kFoldScale && t == n_tiles - 1) fold_output_scale(acc_s, l_i, alpha, rp_dropout);
+                if (kFoldScale && t == n_tiles - 1) fold_output_scale(acc_s, l_i, alpha, params.drop.rp_dropout);
                 rescale_rows(acc_o, alpha);
                 acc_to_a_frags(p, acc_s);
             }
@@ -264,12 +259,12 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             ++q_tiles;
         }
 
-        const int batch = bh / num_heads, head = bh % num_heads;
-        float* lse_bh = lse + static_cast<int64>(bh) * seqlen_q;
+        const int batch = bh / params.num_heads, head = bh % params.num_heads;
+        float* lse_bh = params.lse + static_cast<int64>(bh) * params.seqlen_q;
         if (!kFoldScale) {
-            normalize_rows(acc_o, m_i, l_i, rp_dropout, lse_bh, m0 + warp_row0, seqlen_q);
+            normalize_rows(acc_o, m_i, l_i, params.drop.rp_dropout, lse_bh, m0 + warp_row0, params.seqlen_q);
         } else {  // l_i holds row sums: fold_output_scale's, or 0 where the block saw no key
-            store_lse(m_i, l_i, lse_bh, m0 + warp_row0, seqlen_q);
+            store_lse(m_i, l_i, lse_bh, m0 + warp_row0, params.seqlen_q);
         }
         if (kStageO) {
             // The warpgroup's rows of sO are free once its last copy has read them.
@@ -281,12 +276,12 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ Tm
             if (tid % 128 == 0 && (!kRowsEndAligned || m0 + wg_row0 >= 0)) {  // TMA clips rows past seqlen_q, columns past head_dim
 #pragma unroll
                 for (int p = 0; p < HEAD_DIM / 64; ++p)
-                    ptx::tma_store_4d(&tma_o, smem_u32(sO + p * kBlockM * 64 + wg_row0 * 64), p * 64, m0 + wg_row0, head, batch);
+                    ptx::tma_store_4d(&maps.o_or_do, smem_u32(sO + p * kBlockM * 64 + wg_row0 * 64), p * 64, m0 + wg_row0, head, batch);
                 ptx::bulk_commit();
             }
         } else {
-            store_acc_rows(o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride, acc_o, warp_row0,
-                           o_row_stride, seqlen_q - m0, head_dim);
+            store_acc_rows(params.o + batch * params.o_batch_stride + head * params.o_head_stride + m0 * params.o_row_stride, acc_o, warp_row0,
+                           params.o_row_stride, params.seqlen_q - m0, params.head_dim);
         }
     });
     if (kStageO && tid % 128 == 0) ptx::bulk_wait<0>();

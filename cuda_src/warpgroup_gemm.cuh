@@ -10,14 +10,11 @@
 // 16w..16w+15 in the mma C layout (acc_row/acc_col), so the online softmax is shared with the
 // mma.sync kernels.
 #pragma once
+#include "params.cuh"
 #include "warp_gemm.cuh"
 
 static_assert(HEAD_DIM % 64 == 0, "swizzled tiles are whole 64-column panels");
 typedef unsigned long long desc_t;
-
-// A CUtensorMap: 128 opaque bytes that the launcher encodes (cuflash/tma.py) and passes as a
-// __grid_constant__ parameter; TMA copies a (rows, 64) box of it into one panel of a tile.
-struct __align__(64) TmaDesc { unsigned long long bits[16]; };
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 

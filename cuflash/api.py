@@ -1,11 +1,13 @@
-"""Public entry points: validate, bring arrays in (zero-copy), launch, hand results back."""
+"""Public entry points. Each validates its flags and hands the arrays to cuflash/ops.py (any
+framework, no autograd) or to the autograd adapter of the caller's framework (torch_ops.py,
+jax_ops.py)."""
 import itertools
 import os
 import time
 
-from . import autograd, dropout, interop, plan, validate
-from .backward import launch_backward
-from .forward import launch_forward
+from . import compile as compile_
+from . import device as device_
+from . import dropout, interop, jax_ops, ops, plan, torch_ops, validate
 
 
 def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, dropout_p=0.0, seed=None, offset=0):
@@ -27,35 +29,7 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
     then required; dropout_mask materialises the same mask) and scales the kept ones by
     1 / (1 - dropout_p); lse stays that of the undropped P. backward needs the same three values.
     """
-    q_info, k_info, v_info = (interop.describe(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    validate.check_qkv(q_info, k_info, v_info)
-    causal = validate.flag("causal", causal)
-    dropout_p = validate.dropout_p(dropout_p)
-    seed, offset = validate.seed(seed, dropout_p), validate.offset(offset)
-    batch, seqlen_q, nheads, head_dim = q_info.shape
-    scale = validate.softmax_scale(softmax_scale, head_dim)
-    if out is not None:
-        out_info = interop.describe(out, "out")
-        validate.check_out(out_info, q_info)
-    plan.forward_variant(q_info.dtype, head_dim, causal, tile, dropout=dropout_p > 0)  # a bad `tile` raises here
-
-    with interop.caller_stream(q_info) as stream:
-        empty = interop.allocator(q_info)
-        native_o, o_info = empty(q_info.shape, q_info.dtype) if out is None else (out, out_info)
-        native_lse, lse_info = empty((batch, nheads, seqlen_q), "float32")
-        if 0 in q_info.shape:
-            pass
-        elif k_info.shape[1] == 0:
-            interop.fill(native_o, 0)
-            interop.fill(native_lse, float("-inf"))
-        else:
-            operands = [interop.launchable(x, info) for x, info in ((q, q_info), (k, k_info), (v, v_info))]
-            # cp.async moves 16-byte rows: the rare view whose rows are not 16-byte aligned is copied.
-            operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
-                        for x, info in operands]
-            launch_forward(*(info for _, info in operands), o_info, lse_info, scale, causal, empty, stream, tile,
-                           dropout_p, seed, offset)
-    return interop.export(native_o, q_info.framework), interop.export(native_lse, q_info.framework)
+    return ops.forward(q, k, v, softmax_scale, causal, out, tile, dropout_p=dropout_p, seed=seed, offset=offset)
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, deterministic=False, tile=None, *,
@@ -69,39 +43,8 @@ def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, determin
     tile table. dropout_p, seed and offset must be the forward's: the kernels regenerate its
     keep mask. Results come back in the caller's framework.
     """
-    names = ("dout", "q", "k", "v", "out", "lse")
-    arrays = (dout, q, k, v, out, lse)
-    dout_info, q_info, k_info, v_info, out_info, lse_info = (interop.describe(x, n) for x, n in zip(arrays, names))
-    validate.check_qkv(q_info, k_info, v_info)
-    validate.check_like("dout", dout_info, q_info)
-    validate.check_like("out", out_info, q_info)
-    validate.check_lse(lse_info, q_info)
-    causal = validate.flag("causal", causal)
-    deterministic = validate.flag("deterministic", deterministic)
-    dropout_p = validate.dropout_p(dropout_p)
-    seed, offset = validate.seed(seed, dropout_p), validate.offset(offset)
-    batch, seqlen_q, nheads, head_dim = q_info.shape
-    scale = validate.softmax_scale(softmax_scale, head_dim)
-    plan.backward_variant(q_info.dtype, head_dim, causal, deterministic, tile, dropout=dropout_p > 0)
-
-    with interop.caller_stream(q_info) as stream:
-        empty = interop.allocator(q_info)
-        (native_dq, dq), (native_dk, dk), (native_dv, dv) = (
-            empty(info.shape, info.dtype) for info in (q_info, k_info, v_info))
-        if 0 in q_info.shape or 0 in k_info.shape:
-            # No query or no key: every gradient that has elements is zero.
-            for native in (native_dq, native_dk, native_dv):
-                interop.fill(native, 0)
-        else:
-            operands = [interop.launchable(x, info) for x, info in zip(arrays, (dout_info, q_info, k_info, v_info, out_info))]
-            operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info) for x, info in operands]
-            lse_array, lse_info = interop.launchable(lse, lse_info)
-            if not validate.is_contiguous(lse_info):
-                lse_array, lse_info = interop.contiguous_copy(lse_array, lse_info)
-            dout_i, q_i, k_i, v_i, out_i = (info for _, info in operands)
-            launch_backward(dout_i, q_i, k_i, v_i, out_i, lse_info, dq, dk, dv, scale, causal, deterministic, empty,
-                            stream, tile, dropout_p, seed, offset)
-    return tuple(interop.export(native, q_info.framework) for native in (native_dq, native_dk, native_dv))
+    return ops.backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, tile, dropout_p=dropout_p,
+                        seed=seed, offset=offset)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False,
@@ -120,7 +63,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, re
     dropout_p = validate.dropout_p(dropout_p)
     causal = validate.flag("causal", causal)
     deterministic = validate.flag("deterministic", deterministic)
-    o, lse = autograd.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    framework = interop.framework_of(q)
+    if framework == "torch":
+        o, lse = torch_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    elif framework == "jax":
+        o, lse = jax_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    else:  # CuPy arrays (and anything else, which ops.forward refuses by name): no autograd
+        if dropout_p > 0 and seed is None:
+            seed = dropout.random_seed()
+        o, lse = ops.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p, seed=seed)
     return (o, lse) if return_lse else o
 
 
@@ -129,20 +80,7 @@ def dropout_mask(q, k, dropout_p, seed, offset=0):
     (batch, nheads, seqlen_q, seqlen_k) array in q's framework and on its device: entry
     (b, h, i, j) is True iff P[b, h, i, j] is kept. For tests and debugging (it is seqlen_q x
     seqlen_k, what attention itself never stores); q and k give the shapes and the device."""
-    q_info, k_info = interop.describe(q, "q"), interop.describe(k, "k")
-    for name, info in (("q", q_info), ("k", k_info)):
-        if len(info.shape) != 4:
-            raise ValueError(f"{name} must have rank 4 (batch, seqlen, nheads, headdim); got shape {info.shape}")
-    validate.check_same_place("k", k_info, q_info)
-    dropout_p = validate.dropout_p(dropout_p)
-    seed, offset = validate.seed(seed, 1.0), validate.offset(offset)
-    batch, seqlen_q, nheads, _ = q_info.shape
-    shape = (batch, nheads, seqlen_q, k_info.shape[1])
-    with interop.caller_stream(q_info) as stream:
-        mask, info = interop.allocator(q_info)(shape, "bool")
-        if 0 not in shape:
-            dropout.launch_dropout_mask(info, dropout_p, seed, offset, stream)
-    return interop.export(mask, q_info.framework)
+    return ops.dropout_mask(q, k, dropout_p, seed, offset)
 
 
 def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, True), device=None, *,
@@ -153,14 +91,9 @@ def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, T
     variants. NVRTC runs in one thread per CPU core; compiled kernels go to the kernel cache
     (cuflash.cache_dir()), so later processes load them in milliseconds. Returns the seconds it
     took."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from . import compile as compile_
-    from . import device as device_
-
     device_id = device_.current() if device is None else int(device)
     start = time.perf_counter()
-    device_.check_supported(device_id)
+    compile_.check_supported(device_id)
     limit, hopper = device_.smem_limit(device_id), device_.use_hopper(device_id)
     programs = set()
     for dtype, head_dim, is_causal, drop in itertools.product(dtypes, head_dims, causal, {False, bool(dropout)}):
@@ -173,9 +106,7 @@ def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, T
             except ValueError:  # a head dim whose backward does not fit this GPU (d > 192 on 99 KB)
                 continue
             programs.add(compile_.backward_program(variant))
-    capability = device_.compute_capability(device_id)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(lambda p: compile_.binary(p, compile_.arch_for(p, capability)), programs))
+    compile_.compile_all(programs, device_.compute_capability(device_id), os.cpu_count())
     for program in programs:
         for name in program.names:
             compile_.get_function(program, device_id, name)

@@ -5,7 +5,6 @@ import os
 
 from . import tma
 
-MIN_CAPABILITY = 80  # the portable kernels use sm_80's mma.sync shapes and cp.async
 
 
 def cupy_module():
@@ -60,26 +59,6 @@ def driver_version():
     """(major, minor) of the CUDA version the driver supports."""
     version = cupy_module().cuda.runtime.driverGetVersion()  # 13000 for CUDA 13.0
     return version // 1000, version % 1000 // 10
-
-
-@functools.lru_cache(maxsize=None)
-def check_supported(device_id):
-    """RuntimeError unless cuflash's kernels can run on the device: compute capability 8.0 or
-    newer, and a driver of at least NVRTC's CUDA major version (a cubin of a newer minor version
-    loads on an older driver of the same major one; PTX, used for GPUs newer than NVRTC knows,
-    needs a driver at least as new as NVRTC). Cached: a call pays one dictionary lookup."""
-    from . import compile as compile_
-
-    capability = compute_capability(device_id)
-    if capability < MIN_CAPABILITY:
-        raise RuntimeError(f"cuflash needs a GPU of compute capability 8.0 or newer (A100, RTX 30xx/40xx, H100, ...); "
-                           f"device {device_id} ({name(device_id)}) is {capability // 10}.{capability % 10}")
-    driver, nvrtc = driver_version(), compile_.nvrtc_version()
-    if driver[0] < nvrtc[0] or (not compile_.nvrtc_knows(capability) and driver < nvrtc):
-        raise RuntimeError(f"the NVIDIA driver supports CUDA {driver[0]}.{driver[1]}, older than NVRTC "
-                           f"{nvrtc[0]}.{nvrtc[1]} that cuflash compiles with: update the driver, or install the "
-                           f"CUDA {driver[0]} build (pip install 'cuflash[cuda{driver[0]}]') in a fresh environment")
-    return True
 
 
 def use_hopper(device_id):

@@ -8,22 +8,49 @@ forward's mask from the same (seed, offset) without storing it. Sources of (seed
   OFFSET_STEP per call, so torch.manual_seed reproduces a run and successive calls differ;
 - CuPy callers without a seed: a fresh random seed per call.
 """
+import math
 import os
 import threading
 
-from .reference import dropout_threshold, philox_key
-
 OFFSET_STEP = 4  # torch's own Philox consumers advance the generator's offset in multiples of 4
 _torch_lock = threading.Lock()
+_MASK32 = 0xFFFFFFFF
 
 
-def kernel_args(dropout_p, seed, offset):
-    """(seed_lo, seed_hi, offset, keep_threshold, 1 / (1 - p)): the kernels' dropout arguments.
-    Without dropout the RNG words are unused and the scale is 1."""
-    if dropout_p == 0.0:
-        return 0, 0, 0, 0, 1.0
+def philox_key(seed):
+    """The Philox key of a 64-bit seed: (low 32 bits, high 32 bits). Python ints outside
+    [0, 2^64) are taken modulo 2^64."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed & _MASK32, seed >> 32
+
+
+def dropout_threshold(dropout_p):
+    """The uint32 t with keep iff word >= t: t = min(2^32 - 1, floor(p * 2^32)).
+
+    For a uniform 32-bit word, P(keep) = (2^32 - t) / 2^32, and p * 2^32 - 1 < t <= p * 2^32, so
+    1 - p <= P(keep) < 1 - p + 2^-32: the keep rate is 1 - p up to 2^-32 (exactly 1 - p when
+    p * 2^32 is an integer, e.g. p = 0 keeps everything and p = 0.5 half the words). p * 2^32 is
+    exact in float64 (a power-of-two scaling) and below 2^32 for every float64 p < 1, so the min
+    only acts at p = 1, where t = 2^32 does not fit a uint32 and the keep rate is 2^-32, not 0
+    (attention rejects p = 1 anyway: it divides by 1 - p). The launcher computes t here, on the
+    host from the Python float, and hands the kernel the uint32 (never p rounded to float32)."""
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1], got {dropout_p}")
+    return min(2**32 - 1, math.floor(dropout_p * 2**32))
+
+
+def static_kernel_args(dropout_p):
+    """The dropout fields of the kernels' parameters that depend on p alone: the keep threshold
+    and 1 / (1 - p) (1 without dropout)."""
+    return {"threshold": dropout_threshold(dropout_p), "rp_dropout": 1.0 / (1.0 - dropout_p)}
+
+
+def rng_words(seed, offset):
+    """(seed_lo, seed_hi, offset): the Philox key of `seed` and the counter word of `offset` (the
+    kernels use it modulo 2^32)."""
     seed_lo, seed_hi = philox_key(seed)
-    return seed_lo, seed_hi, int(offset) & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    return seed_lo, seed_hi, int(offset) & _MASK32
 
 
 def torch_seed_offset(device):
@@ -49,11 +76,14 @@ def launch_dropout_mask(mask, dropout_p, seed, offset, stream):
     import cupy
 
     from . import compile as compile_
+    from . import params
     from .launch import launch
 
     batch, nheads, seqlen_q, seqlen_k = mask.shape
     calls = batch * nheads * seqlen_q * -(-seqlen_k // 4)
-    seed_lo, seed_hi, offset, threshold, _ = kernel_args(dropout_p, seed, offset)
+    seed_lo, seed_hi, offset = rng_words(seed, offset)
+    packed = params.MASK.pack({"mask": mask.data_ptr, "calls": calls, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k,
+                               "seed_lo": seed_lo, "seed_hi": seed_hi, "offset": offset,
+                               "threshold": dropout_threshold(dropout_p)})
     function = compile_.get_function(compile_.DROPOUT_MASK_PROGRAM, cupy.cuda.get_device_id())
-    launch(function, -(-calls // 256), 256, 0, stream, "Q4I2iq", mask.data_ptr, seed_lo, seed_hi, offset,
-           threshold, seqlen_q, seqlen_k, calls)
+    launch(function, -(-calls // 256), 256, 0, stream, packed)

@@ -67,10 +67,8 @@ def describe(x, name):
 def caller_stream(info):
     """Make the caller's device CuPy's current one and yield the caller's stream (a raw CUDA
     stream): torch's current stream for torch callers, CuPy's current stream otherwise (JAX
-    orders its side through the DLPack exchange). A device cuflash cannot run on raises
-    RuntimeError here, before anything is allocated."""
+    orders its side through the DLPack exchange)."""
     cupy = device.cupy_module()
-    device.check_supported(info.device)
     with cupy.cuda.Device(info.device):
         if info.framework == "torch":
             import torch

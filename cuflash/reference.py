@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from .dropout import dropout_threshold, philox_key  # noqa: F401 (part of the specification's API)
+
 LOG2E = 1.4426950408889634
 
 
@@ -113,29 +115,6 @@ def philox4x32_10(counter, key):
         # c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
         c0, c1, c2, c3 = (prod1 >> shift) ^ c1 ^ k0, prod1 & low, (prod0 >> shift) ^ c3 ^ k1, prod0 & low
     return tuple(c.astype(np.uint32) for c in np.broadcast_arrays(c0, c1, c2, c3))
-
-
-def philox_key(seed):
-    """The Philox key of a 64-bit seed: (low 32 bits, high 32 bits). Python ints outside
-    [0, 2^64) are taken modulo 2^64."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed & _MASK32, seed >> 32
-
-
-def dropout_threshold(dropout_p):
-    """The uint32 t with keep iff word >= t: t = min(2^32 - 1, floor(p * 2^32)).
-
-    For a uniform 32-bit word, P(keep) = (2^32 - t) / 2^32, and p * 2^32 - 1 < t <= p * 2^32, so
-    1 - p <= P(keep) < 1 - p + 2^-32: the keep rate is 1 - p up to 2^-32 (exactly 1 - p when
-    p * 2^32 is an integer, e.g. p = 0 keeps everything and p = 0.5 half the words). p * 2^32 is
-    exact in float64 (a power-of-two scaling) and below 2^32 for every float64 p < 1, so the min
-    only acts at p = 1, where t = 2^32 does not fit a uint32 and the keep rate is 2^-32, not 0
-    (attention rejects p = 1 anyway: it divides by 1 - p). The launcher computes t here, on the
-    host from the Python float, and hands the kernel the uint32 (never p rounded to float32)."""
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1], got {dropout_p}")
-    return min(2**32 - 1, math.floor(dropout_p * 2**32))
 
 
 def dropout_words(seed, offset, batch_head, rows, cols):

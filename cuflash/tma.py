@@ -68,13 +68,14 @@ def encodable(*infos):
 def tensor_map(info, rows):
     """The encoded map (bytes) of array `info` (an interop.ArrayInfo of shape (batch, seqlen,
     heads, d), 16-bit elements) for boxes of `rows` rows x PANEL columns."""
-    return _tensor_map(info.data_ptr, info.shape, info.strides, info.dtype, rows)
+    return encode(info.data_ptr, info.shape, info.strides, info.dtype, rows)
 
 
 # A map is a function of these values alone; remembering recent ones saves the driver call (a
 # few microseconds per map) on the repeated shapes of a training loop.
 @functools.lru_cache(maxsize=256)
-def _tensor_map(data_ptr, shape, strides, dtype, rows):
+def encode(data_ptr, shape, strides, dtype, rows):
+    """tensor_map of the array at data_ptr with this shape, element strides and dtype."""
     batch, seqlen, heads, head_dim = shape
     steps = _byte_strides(shape, strides)
     if steps is None:

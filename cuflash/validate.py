@@ -8,6 +8,9 @@ import numbers
 from . import plan
 
 SUPPORTED_DTYPES = plan.DTYPES
+# What the autograd adapters raise when a gradient reaches lse, which they do not differentiate.
+LSE_GRAD_MESSAGE = ("cuflash does not differentiate through lse yet: a gradient reached the lse output "
+                    "(detach it, or use jax.lax.stop_gradient, if it only feeds a metric)")
 
 
 def check_qkv(q, k, v):
@@ -140,3 +143,15 @@ def offset(value):
     if not 0 <= int(value) < 2**64:
         raise ValueError(f"offset must be in [0, 2^64); got {value}")
     return int(value)
+
+
+def tile(value, dtype, head_dim, causal, dropout, deterministic=None):
+    """A `tile` override (None, or a tile of cuflash/plan.py) checked before any launch: its type
+    picks the kernel family (a forward's when deterministic is None) and its sizes must suit the
+    head dim."""
+    if value is not None:
+        if deterministic is None:
+            plan.forward_variant(dtype, head_dim, causal, value, dropout=dropout)
+        else:
+            plan.backward_variant(dtype, head_dim, causal, deterministic, value, dropout=dropout)
+    return value

@@ -9,9 +9,9 @@ import math
 import threading
 
 from . import compile as compile_
-from . import dropout, plan, tma
+from . import dropout, params, plan, tma
 from .device import check_arch, hopper_runs, sm_count, smem_limit
-from .forward import INT32_MAX, LOG2E
+from .forward_launch import INT32_MAX, LOG2E
 from .launch import allow_dynamic_smem, launch
 
 ROWS_PER_BLOCK = 16  # preprocess and convert_dq: 4 warps of 4 rows per block (bwd_passes.cuh)
@@ -54,60 +54,55 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     seqlen_q_pad = -(-seqlen_q // 4) * 4
     keep = [empty((batch, nheads, seqlen_q_pad), "float32") for _ in range(2)]
     lse2, dsum = (info.data_ptr for _, info in keep)
-    dq_accum = dq_sync = 0
+    dq_accum = dq_done = dq_converted = 0
     if not deterministic:
         floats = math.prod(plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim))
         words = plan.dq_sync_words(variant, batch, nheads, nheads_k, seqlen_q)
         keep.append(empty((floats + words,), "float32"))
         dq_accum = keep[-1][1].data_ptr
-        dq_sync = dq_accum + 4 * floats
+        dq_done = dq_accum + 4 * floats
+        dq_converted = dq_done + 4 * plan.dq_sync_counters(batch, nheads_k)
         cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * (floats + words), stream)
     dkdv_partial = 0
     if flush_every:
         keep.append(empty((plan.dkdv_partial_floats(variant.tile, variant.head_dim, dkdv_ctas),), "float32"))
         dkdv_partial = keep[-1][1].data_ptr
 
-    def strides(*arrays):
-        return [a.strides[axis] for a in arrays for axis in (0, 1, 2)]
-
-    scale_log2 = softmax_scale * LOG2E
-    # Dropout's 1 / (1 - p) is folded into the scales of dV and of dK and dQ (see flash_bwd.cu).
-    *rng, rp_dropout = dropout.kernel_args(dropout_p, seed, offset)
-    ds_scale = softmax_scale * rp_dropout
+    # Dropout's 1 / (1 - p) is folded into the scales of dV (rp_dropout) and of dK and dQ
+    # (ds_scale); the preprocess scales D by 1 - p (see flash_bwd.cu).
+    seed_lo, seed_hi, offset = dropout.rng_words(seed, offset)
+    packed = params.BWD.pack({
+        "q": q.data_ptr, "k": k.data_ptr, "v": v.data_ptr, "o": out.data_ptr, "dout": dout.data_ptr,
+        "dq": dq.data_ptr, "dk": dk.data_ptr, "dv": dv.data_ptr, "lse": lse.data_ptr, "lse2": lse2, "dsum": dsum,
+        "dq_accum": dq_accum, "dq_done": dq_done, "dq_converted": dq_converted, "dkdv_partial": dkdv_partial,
+        **params.strides("q", q), **params.strides("k", k), **params.strides("v", v), **params.strides("o", out),
+        **params.strides("do", dout), **params.strides("dq", dq), **params.strides("dk", dk), **params.strides("dv", dv),
+        "seqlen_q": seqlen_q, "seqlen_q_pad": seqlen_q_pad, "seqlen_k": seqlen_k, "num_heads": nheads,
+        "num_heads_k": nheads_k, "head_dim": head_dim, "num_m_blocks": m_blocks, "num_n_blocks": n_blocks,
+        "rows_total": rows, "num_dq_tiles": num_tiles, "num_converters": converters, "flush_every": flush_every,
+        "scale_log2": softmax_scale * LOG2E, "ds_scale": softmax_scale / (1.0 - dropout_p), "d_scale": 1.0 - dropout_p,
+        "seed_lo": seed_lo, "seed_hi": seed_hi, "offset": offset, **dropout.static_kernel_args(dropout_p)})
     row_blocks = -(-rows // ROWS_PER_BLOCK)
     function, _ = kernels["flash_bwd_preprocess"]
-    launch(function, row_blocks, 128, 0, stream, "5Q6q5if",
-           out.data_ptr, dout.data_ptr, lse.data_ptr, lse2, dsum, *strides(out, dout),
-           seqlen_q, seqlen_q_pad, nheads, head_dim, rows, 1.0 - dropout_p)
-    shape_args = (seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, n_blocks, flush_every, scale_log2,
-                  ds_scale, *rng, rp_dropout)
+    launch(function, row_blocks, 128, 0, stream, packed)
     if hopper:
         function, smem = kernels["flash_bwd_dkdv_sm90"]
         tile = variant.tile
-        maps = (tma.tensor_map(q, tile.block_m), tma.tensor_map(k, tile.block_n), tma.tensor_map(v, tile.block_n),
-                tma.tensor_map(dout, tile.block_m))
-        launch(function, dkdv_ctas + converters, tile.threads, smem, stream,
-               "128s128s128s128s8Q9qi8i2f4If", *maps, dk.data_ptr, dv.data_ptr, dq_accum, dq.data_ptr, dq_sync, lse2,
-               dsum, dkdv_partial, *strides(dk, dv, dq), converters, *shape_args)
+        maps = b"".join(tma.tensor_map(a, rows) for a, rows in ((q, tile.block_m), (k, tile.block_n), (v, tile.block_n),
+                                                                (dout, tile.block_m)))
+        launch(function, dkdv_ctas + converters, tile.threads, smem, stream, packed, maps)
     else:
         function, smem = kernels["flash_bwd_dkdv"]
-        launch(function, dkdv_ctas, variant.tile.threads, smem, stream, "10Q18q8i2f4If",
-               q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dk.data_ptr, dv.data_ptr, dq_accum, lse2, dsum,
-               dkdv_partial, *strides(q, k, v, dout, dk, dv), *shape_args)
+        launch(function, dkdv_ctas, variant.tile.threads, smem, stream, packed)
     if deterministic:
         function, smem = kernels["flash_bwd_dq"]
-        launch(function, num_tiles, variant.tile.dq_threads, smem, stream, "7Q15q7i2f4I",
-               q.data_ptr, k.data_ptr, v.data_ptr, dout.data_ptr, dq.data_ptr, lse2, dsum, *strides(q, k, v, dout, dq),
-               seqlen_q, seqlen_q_pad, seqlen_k, nheads, nheads_k, head_dim, m_blocks, scale_log2, ds_scale, *rng)
+        launch(function, num_tiles, variant.tile.dq_threads, smem, stream, packed)
     elif hopper:
         function, _ = kernels["flash_bwd_convert_dq_tiles"]
-        converted = dq_sync + 4 * plan.dq_sync_counters(batch, nheads_k)
-        launch(function, -(-num_tiles // CONVERT_TILES_PER_BLOCK), 128, 0, stream, "3Q3q4if", dq_accum, converted,
-               dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, num_tiles, ds_scale)
+        launch(function, -(-num_tiles // CONVERT_TILES_PER_BLOCK), 128, 0, stream, packed)
     else:
         function, _ = kernels["flash_bwd_convert_dq"]
-        launch(function, row_blocks, 128, 0, stream, "2Q3q4if",
-               dq_accum, dq.data_ptr, *strides(dq), seqlen_q, nheads, head_dim, rows, ds_scale)
+        launch(function, row_blocks, 128, 0, stream, packed)
 
 
 _prepared = {}

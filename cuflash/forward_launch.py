@@ -1,0 +1,99 @@
+"""Forward launcher: the ForwardPlan of a problem (its kernel variant, compiled kernel, grid and
+the kernel parameters fixed by shapes and strides), and the launch of a plan on a call's arrays.
+
+A plan depends on no pointer, so a caller may keep it for every call of the same signature
+(shapes, strides, dtype, device, flags): a call then costs the packing of its pointers and the
+launch.
+"""
+import threading
+from dataclasses import dataclass
+
+from . import compile as compile_
+from . import dropout, params, plan, tma
+from .device import check_arch, hopper_runs, sm_count, smem_limit
+from .launch import allow_dynamic_smem, launch
+
+LOG2E = 1.4426950408889634
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    variant: plan.FwdVariant
+    kernel: object     # the compiled kernel (compile.get_function)
+    smem: int          # dynamic shared memory per block, bytes
+    grid: int
+    threads: int
+    pack: object       # pack(q, k, v, o, lse, unit_counter, seed_lo, seed_hi, offset) -> FwdParams bytes
+    maps: tuple        # sm_90a: (shape, strides, dtype, box rows) of the tensor maps of q, k, v, o; else ()
+
+
+_DYNAMIC = ("q", "k", "v", "o", "lse", "unit_counter", "seed_lo", "seed_hi", "offset")
+
+
+def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=None):
+    """The ForwardPlan of attention over arrays described by q, k, v, o (interop.ArrayInfo of
+    validated, 16-byte aligned, non-empty arrays: q, o (batch, seqlen_q, nheads, d); k, v (batch,
+    seqlen_k, nheads_k, d)) on device_id; pointers are not read."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0,
+                                   hopper=hopper_runs(device_id, q, k, v, o))
+    check_arch(variant, device_id)
+    kernel, smem = _prepare(variant, device_id)
+    m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
+    tiles = batch * nheads * m_blocks
+    if tiles > INT32_MAX or max(seqlen_q, seqlen_k) > INT32_MAX:
+        raise ValueError(f"problem too large for one launch: {tiles} tiles, seqlens {seqlen_q} and {seqlen_k}")
+    static = {**params.strides("q", q), **params.strides("k", k), **params.strides("v", v), **params.strides("o", o),
+              "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "num_heads": nheads, "num_heads_k": nheads_k,
+              "head_dim": head_dim, "num_m_blocks": m_blocks, "scale_log2": softmax_scale * LOG2E,
+              **dropout.static_kernel_args(dropout_p)}
+    grid, maps = tiles, ()
+    if plan.is_hopper(variant):
+        # One persistent CTA per SM walks the tiles, claiming units of them from a counter that
+        # starts at zero; q, k, v and o travel as TMA tensor maps (O: one warpgroup's rows per box).
+        tail_heads = plan.persistent_tail_heads(batch * nheads, m_blocks, sm_count(device_id), causal)
+        grid = min(plan.persistent_units(batch * nheads, m_blocks, causal, tail_heads), sm_count(device_id))
+        static.update(num_bh=batch * nheads, tail_heads=tail_heads)
+        rows = (variant.tile.block_m, variant.tile.block_n, variant.tile.block_n, 64)
+        maps = tuple((a.shape, a.strides, a.dtype, r) for a, r in zip((q, k, v, o), rows))
+    else:
+        static.update(num_bh=0, tail_heads=0)
+    return ForwardPlan(variant, kernel, smem, grid, variant.tile.threads, params.FWD.packer(static, _DYNAMIC), maps)
+
+
+def launch_forward(fplan, q, k, v, o, lse, stream, seed=0, offset=0, counter=0):
+    """Launch a ForwardPlan on `stream` (a raw CUDA stream) of CuPy's current device: q, k, v,
+    o, lse are the pointers of arrays of the plan's shapes and strides (lse contiguous float32
+    (batch, nheads, seqlen_q)); seed and offset pick the dropout mask; `counter` is a zeroed
+    int32 in device memory, which the sm_90a kernel needs (ordered before it on `stream`)."""
+    seed_lo, seed_hi, offset = dropout.rng_words(seed, offset)
+    packed = fplan.pack(q, k, v, o, lse, counter, seed_lo, seed_hi, offset)
+    if fplan.maps:
+        maps = b"".join(tma.encode(ptr, *spec) for ptr, spec in zip((q, k, v, o), fplan.maps))
+        launch(fplan.kernel, fplan.grid, fplan.threads, fplan.smem, stream, packed, maps)
+    else:
+        launch(fplan.kernel, fplan.grid, fplan.threads, fplan.smem, stream, packed)
+
+
+_prepared = {}
+_prepare_lock = threading.Lock()
+
+
+def _prepare(variant, device_id):
+    """(kernel, shared-memory bytes) of a variant on a device: compiled, its shared-memory limit
+    raised, and remembered, so a call pays one dictionary lookup."""
+    key = (device_id, variant)
+    prepared = _prepared.get(key)
+    if prepared is not None:
+        return prepared
+    smem = plan.forward_smem_bytes(variant.head_dim, variant.tile)
+    if smem > smem_limit(device_id):
+        raise ValueError(f"tile {variant.tile} needs {smem} bytes of shared memory at head dim "
+                         f"{variant.head_dim}; device {device_id} allows {smem_limit(device_id)}")
+    kernel = compile_.get_function(compile_.forward_program(variant), device_id)
+    with _prepare_lock:
+        allow_dynamic_smem(kernel, smem)
+        _prepared[key] = (kernel, smem)
+    return kernel, smem
