@@ -33,6 +33,11 @@ constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kThreads = NWARPS * 32;
 constexpr int kPitchP = BLOCK_M + 8;  // rows of the P^T and dS^T tiles: Br query columns, padded
+// Shared memory of flash_bwd_dkdv (cuflash/plan.py backward_smem_bytes): K, V, Q and dO twice, P^T,
+// dS^T, and lse2 and D twice; the layout is written out at the top of the kernel.
+static_assert((2 * kBlockN + 4 * kBlockM) * kPitch * sizeof(elem_t) + 2 * kBlockN * kPitchP * sizeof(elem_t) +
+                  4 * kBlockM * sizeof(float) == SMEM_BYTES,
+              "cuflash/plan.py backward_smem_bytes disagrees with flash_bwd_dkdv's layout");
 
 // Warp grids over each GEMM's output: WM warps along its rows, NWARPS / WM along its columns.
 // Square-ish warp blocks read fewer operand bytes from shared memory, which bounds this kernel.
@@ -182,6 +187,9 @@ constexpr int kDqBlockN = DQ_BLOCK_N;
 constexpr int kDqThreads = kBlockM / 16 * 32;
 constexpr int kDqNT = DQ_BLOCK_N / 8;
 constexpr int kDT = HEAD_DIM / 8;
+// Shared memory of flash_bwd_dq (cuflash/plan.py backward_dq_smem_bytes): Q, dO and the 2-slot K and V rings.
+static_assert((2 * kBlockM + 4 * kDqBlockN) * kPitch * sizeof(elem_t) == DQ_SMEM_BYTES,
+              "cuflash/plan.py backward_dq_smem_bytes disagrees with flash_bwd_dq's layout");
 
 extern "C" __global__ void __launch_bounds__(kDqThreads)
 flash_bwd_dq(const __grid_constant__ BwdParams params) {

@@ -60,29 +60,60 @@ constexpr int kDqN = DqTile::kCols;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 // At d128 (Br = 64, DqTile::kWarpgroups = 1) warpgroup 0 alone computes dQ, as m64n128 GEMMs over
-// both warpgroups' keys: named barriers kDsFull + b (warpgroup 1's dS^T rows are in buffer b) and
-// kDsFree + b (warpgroup 0's dQ GEMM has read them) then replace barrier 1 in the loop, so that
-// warpgroup 1 runs up to a tile ahead and the two pointwise steps drift apart.
+// both warpgroups' keys: named barriers kDsFull + b and kDsFree + b then replace kConsumersSync in
+// the loop, so that warpgroup 1 runs up to a tile ahead and the two pointwise steps drift apart.
 constexpr bool kSoloDq = DqTile::kWarpgroups < kConsumers;
-constexpr int kDsFull = 4, kDsFree = 6;
-// Named barriers between the dQ warpgroups and the producer's reducing warp: kDqStored (a tile's dQ
-// block is in sdQ), kDqFree (its bulk reduction has read sdQ).
-constexpr int kDqStored = 2, kDqFree = 3, kDqBarrierThreads = DqTile::kWarpgroups * 128 + 32;
+// Named barriers (bar.sync ids; 0 is __syncthreads'):
+//   kConsumersSync   every consumer thread
+//   kDqStored        a tile's dQ block is in sdQ (the dQ warpgroups, then the reducing warp waits)
+//   kDqFree          its bulk reduction has read sdQ (the reducing warp, then the dQ warpgroups wait)
+//   kDsFull + b      kSoloDq: warpgroup 1's dS^T rows are in buffer b
+//   kDsFree + b      kSoloDq: warpgroup 0's dQ GEMM has read buffer b
+//   kPReady          kSplitD: warpgroup 0's P^T is in sPx
+enum NamedBarrier : int { kConsumersSync = 1, kDqStored = 2, kDqFree = 3, kDsFull = 4, kDsFree = 6, kPReady = 8 };
+constexpr int kDqBarrierThreads = DqTile::kWarpgroups * 128 + 32;
 template <bool B> struct Flag { static constexpr bool value = B; };
 constexpr int kInStep = IS_CAUSAL ? 1 : 2;  // CTAs that walk their Q tiles in step (KvBlockWork's pair)
 static_assert(kSplitD ? BLOCK_M == 32 && kWgCols % 64 == 0 : BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
               "two consumer warpgroups of 64 keys and dQ blocks of whole 64-row, 64-column panels, or of 64-column panels "
               "of dK, dV and dQ^T");
 constexpr unsigned kKVBytes = 2 * kBlockN * HEAD_DIM * 2, kQdOBytes = 2 * kBlockM * HEAD_DIM * 2;
-// Shared memory of a dK/dV CTA before its mbarriers (cuflash/plan.py: backward_smem_bytes).
 constexpr int kPtBuffers = kSplitD ? 2 : 0;  // P^T leaves registers only with kSplitD
 constexpr int kPxFloats = kSplitD ? kBlockN * kBlockM : 0;  // kSplitD: P^T handed from warpgroup 0 to 1
-constexpr int kPReady = 8;  // kSplitD: named barrier, warpgroup 0's P^T is in sPx
-constexpr unsigned kSmemTiles = kKVBytes + kStages * kQdOBytes + (2 + kPtBuffers) * kBlockN * kBlockM * 2 +
-                                kPxFloats * 4 + DqTile::kFloats * 4 + kStages * 2 * kBlockM * 4;
+
+// Shared memory of a dK/dV CTA: its 16-bit tiles back to back, then its float32 ones, then the
+// mbarriers. The tiles start 1024-byte aligned (shared_storage); the launcher's size,
+// cuflash/plan.py backward_smem_bytes, is sizeof plus that alignment's slack, SMEM_BYTES.
+struct SharedStorage {
+    elem_t tiles[(2 * kBlockN + 2 * kStages * kBlockM) * HEAD_DIM + (2 + kPtBuffers) * kBlockN * kBlockM];
+    float floats[kPxFloats + DqTile::kFloats + kStages * 2 * kBlockM];
+    mbar_t kv_full;                                                  // K and V have landed
+    mbar_t q_full[kStages], stats_full[kStages], q_empty[kStages];   // the Q/dO ring; its stats share q_empty
+    mbar_t dq_landed;                                                // the dQ reductions have landed
+
+    __device__ __forceinline__ elem_t* k() { return tiles; }                                        // (Bc, d), later dK
+    __device__ __forceinline__ elem_t* v() { return tiles + kBlockN * HEAD_DIM; }                   // (Bc, d), later dV
+    __device__ __forceinline__ elem_t* q_ring() { return tiles + 2 * kBlockN * HEAD_DIM; }          // kStages x (Br, d)
+    __device__ __forceinline__ elem_t* do_ring() { return q_ring() + kStages * kBlockM * HEAD_DIM; }  // kStages x (Br, d)
+    // 2 x dS^T (Bc, Br); with kSplitD 2 x dS (Br, Bc)
+    __device__ __forceinline__ elem_t* dst() { return do_ring() + kStages * kBlockM * HEAD_DIM; }
+    __device__ __forceinline__ elem_t* p() { return dst() + 2 * kBlockN * kBlockM; }  // kPtBuffers x P (Br, Bc)
+    __device__ __forceinline__ float* px() { return floats; }                         // kPxFloats
+    __device__ __forceinline__ float* dq() { return floats + kPxFloats; }             // a DqTile
+    __device__ __forceinline__ float* stats() { return dq() + DqTile::kFloats; }      // kStages x (lse2, D) x Br
+};
+static_assert(sizeof(SharedStorage) + kSmemAlignSlack == SMEM_BYTES,
+              "cuflash/plan.py backward_smem_bytes disagrees with SharedStorage");
+
 constexpr int kConvSlots = 5;   // dQ tiles (32 KB) in flight per converter CTA
 constexpr int kConvGroup = 8;   // consecutive dQ tiles per converter turn: mostly one kv head
-static_assert(kConvSlots * (DqTile::kFloats * 4 + 8 + 16) <= kSmemTiles, "a converter's ring fits a dK/dV CTA's tiles");
+// Shared memory of a converter CTA, in the dK/dV CTA's: a ring of dQ tiles and the tile in each slot.
+struct ConverterStorage {
+    float slots[kConvSlots][DqTile::kFloats];
+    int slot_tile[kConvSlots];
+    mbar_t full[kConvSlots], empty[kConvSlots];
+};
+static_assert(sizeof(ConverterStorage) <= sizeof(SharedStorage), "a converter's ring fits a dK/dV CTA's shared memory");
 
 // One warp's rows r0 .. r0 + 15 of a block of the dQ tile as computed (dQ^T with
 // DqTile::kTransposed), columns c0 .., into the shared tile sdq, two floats per store.
@@ -100,11 +131,11 @@ __device__ __forceinline__ void store_dq_rows(float* sdq, const float (&acc)[NT]
 // num_converters (kConvGroup tiles each) whose kv heads are done (dq_done: per (batch, kv head),
 // its dK/dV CTAs whose dQ reductions have landed), each marked in dq_converted. Thread 0 copies
 // them into a ring of kConvSlots slots; warpgroups 1 and 2 convert them into dQ.
-__device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, const BwdParams& params, int converter) {
-    float* slots = reinterpret_cast<float*>(smem);
-    int* slot_tile = reinterpret_cast<int*>(slots + kConvSlots * DqTile::kFloats);
-    const unsigned bar0 = smem_u32(slot_tile + 2 * kConvSlots);
-    const ptx::MbarRing<kConvSlots> ring{bar0, bar0 + 8 * kConvSlots};
+__device__ __forceinline__ void convert_dq_of_done_heads(const BwdParams& params, int converter) {
+    ConverterStorage& smem = shared_storage<ConverterStorage>();
+    float* slots = smem.slots[0];
+    int* slot_tile = smem.slot_tile;
+    const ptx::MbarRing<kConvSlots> ring{smem_u32(smem.full), smem_u32(smem.empty)};
     if (threadIdx.x == 0) {
         for (int s = 0; s < kConvSlots; ++s) {
             ptx::mbar_init(ring.full(s), 1);
@@ -154,29 +185,27 @@ __device__ __forceinline__ void convert_dq_of_done_heads(unsigned char* smem, co
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
-    extern __shared__ __align__(1024) unsigned char smem_raw[];
-    const unsigned misalign = smem_u32(smem_raw) % 1024;
-    unsigned char* smem = smem_raw + (misalign ? 1024 - misalign : 0);
     const int num_dkdv_ctas = gridDim.x - params.num_converters;
     if (blockIdx.x >= num_dkdv_ctas) {
-        convert_dq_of_done_heads(smem, params, blockIdx.x - num_dkdv_ctas);
+        convert_dq_of_done_heads(params, blockIdx.x - num_dkdv_ctas);
         return;
     }
-    elem_t* sK = reinterpret_cast<elem_t*>(smem);         // (Bc, d), later dK
-    elem_t* sV = sK + kBlockN * HEAD_DIM;                 // (Bc, d), later dV
-    elem_t* sQ = sV + kBlockN * HEAD_DIM;                 // kStages x (Br, d)
-    elem_t* sdO = sQ + kStages * kBlockM * HEAD_DIM;      // kStages x (Br, d)
-    elem_t* sdSt = sdO + kStages * kBlockM * HEAD_DIM;    // 2 x (Bc, Br); with kSplitD 2 x dS (Br, Bc)
-    elem_t* sP = sdSt + 2 * kBlockN * kBlockM;            // kPtBuffers x P (Br, Bc)
-    float* sPx = reinterpret_cast<float*>(sP + kPtBuffers * kBlockN * kBlockM);   // kPxFloats
-    float* sdQ = sPx + kPxFloats;                                                // a DqTile
-    float* sStats = sdQ + DqTile::kFloats;                                  // kStages x (lse2, D) x Br
-    const unsigned bar_kv = smem_u32(sStats + kStages * 2 * kBlockM);
+    SharedStorage& smem = shared_storage<SharedStorage>();
+    elem_t* sK = smem.k();
+    elem_t* sV = smem.v();
+    elem_t* sQ = smem.q_ring();
+    elem_t* sdO = smem.do_ring();
+    elem_t* sdSt = smem.dst();
+    elem_t* sP = smem.p();
+    float* sPx = smem.px();
+    float* sdQ = smem.dq();
+    float* sStats = smem.stats();
+    const unsigned bar_kv = smem_u32(&smem.kv_full);
     // Q_i and dO_i land on q_ring's full barrier, lse2_i and D_i (written by the producer's
     // stats warp) on stats_ring's; the two rings share their empty barriers.
-    const ptx::MbarRing<kStages> q_ring{bar_kv + 8, bar_kv + 8 * (1 + 2 * kStages)};
-    const ptx::MbarRing<kStages> stats_ring{bar_kv + 8 * (1 + kStages), q_ring.empty0};
-    const unsigned bar_landed = bar_kv + 8 * (1 + 3 * kStages);  // the dQ reductions have landed
+    const ptx::MbarRing<kStages> q_ring{smem_u32(smem.q_full), smem_u32(smem.q_empty)};
+    const ptx::MbarRing<kStages> stats_ring{smem_u32(smem.stats_full), q_ring.empty0};
+    const unsigned bar_landed = smem_u32(&smem.dq_landed);
 
     const KvBlockWork work(blockIdx.x, params.num_n_blocks, params.num_heads, params.num_heads_k, params.seqlen_q, params.seqlen_k, kBlockM, kBlockN,
                            kInStep);
@@ -287,10 +316,10 @@ flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_const
                 acc_dv[0][dt][e] *= params.drop.rp_dropout;
             }
         const int panel0 = kSplitD ? wg * kWgCols / 64 : 0;
-        ptx::named_barrier(1, kConsumerThreads);
+        ptx::named_barrier(kConsumersSync, kConsumerThreads);
         stmatrix_acc_swizzled<kBlockN>(sK + panel0 * kBlockN * 64, acc_dk, warp_key0);
         stmatrix_acc_swizzled<kBlockN>(sV + panel0 * kBlockN * 64, acc_dv, warp_key0);
-        ptx::named_barrier(1, kConsumerThreads);
+        ptx::named_barrier(kConsumersSync, kConsumerThreads);
         store_tile_swizzled<kBlockN, kConsumerThreads>(params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride,
                                                        sK, params.dk_row_stride, params.seqlen_k - n0, params.head_dim, tid);
         store_tile_swizzled<kBlockN, kConsumerThreads>(params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride,
@@ -355,7 +384,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_const
             acc_to_a_frags(frags, acc_x);
             stmatrix_t_swizzled<kBlockM>(wg == 0 ? sPi : sdSi, frags, warp_key0, 0);
             ptx::fence_proxy_async();
-            ptx::named_barrier(1, kConsumerThreads);
+            ptx::named_barrier(kConsumersSync, kConsumerThreads);
 
             float acc_dqt[kPanels][kBlockM / 8][4];
             ptx::wgmma_fence();
@@ -439,7 +468,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_const
                     fence_regs(pt);
                     ptx::named_barrier(kDsFull + i % 2, kConsumerThreads);
                 } else {
-                    ptx::named_barrier(1, kConsumerThreads);
+                    ptx::named_barrier(kConsumersSync, kConsumerThreads);
                 }
                 float acc_dq[1][kDqN / 8][4];
                 ptx::wgmma_fence();  // acc_dq's registers were last read by the previous tile's stores

@@ -22,6 +22,9 @@ constexpr int kNT = BLOCK_N / 8;        // n8 column tiles of S
 constexpr int kDT = HEAD_DIM / 8;       // n8 column tiles of O
 static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0, "P V consumes keys 16 at a time");
+// Shared memory: Q and the kStages-slot K and V rings, pitched (cuflash/plan.py forward_smem_bytes).
+static_assert((kBlockM + 2 * kStages * kBlockN) * kPitch * sizeof(elem_t) == SMEM_BYTES,
+              "cuflash/plan.py forward_smem_bytes disagrees with flash_fwd's layout");
 
 extern "C" __global__ void __launch_bounds__(kThreads)
 flash_fwd(const __grid_constant__ FwdParams params) {

@@ -79,29 +79,46 @@ constexpr bool kRowsEndAligned = IS_CAUSAL && kStageO;
 // d256 has no 64 registers to spare, and with dropout the Philox registers make it 2-13% slower.
 constexpr bool kQInRegs = HEAD_DIM <= 128 && kConsumers == 2 && !IS_DROPOUT;
 
+// Shared memory of a CTA: the swizzled tiles back to back (Q, the K ring, the V ring and, with
+// kStageO, the staged O), then the mbarriers and the unit queue's slots. The tiles start
+// 1024-byte aligned (shared_storage); the launcher's size, cuflash/plan.py forward_smem_bytes,
+// is sizeof plus that alignment's slack, SMEM_BYTES.
+struct SharedStorage {
+    elem_t tiles[(kBlockM + 2 * kStages * kBlockN + (kStageO ? kBlockM : 0)) * HEAD_DIM];
+    mbar_t q_full, q_empty;                // Q's slot
+    mbar_t k_full[kStages], k_empty[kStages];
+    mbar_t v_full[kStages], v_empty[kStages];
+    mbar_t unit_full[2], unit_empty[2];    // the unit queue's ring (tile_scheduler.cuh)
+    int units[2];                          // and its slots
+
+    __device__ __forceinline__ elem_t* q() { return tiles; }                                      // (Br, d)
+    __device__ __forceinline__ elem_t* k_ring() { return tiles + kBlockM * HEAD_DIM; }            // kStages x (Bc, d)
+    __device__ __forceinline__ elem_t* v_ring() { return k_ring() + kStages * kBlockN * HEAD_DIM; }  // kStages x (Bc, d)
+    __device__ __forceinline__ elem_t* o() { return v_ring() + kStages * kBlockN * HEAD_DIM; }    // (Br, d) if kStageO
+};
+static_assert(sizeof(SharedStorage) + kSmemAlignSlack == SMEM_BYTES,
+              "cuflash/plan.py forward_smem_bytes disagrees with SharedStorage");
+
+// Named barriers (bar.sync ids; 0 is __syncthreads'): kOStaged + wg, consumer warpgroup wg's
+// threads around their stores of O into its rows of the staged tile.
+enum NamedBarrier : int { kOStaged = 1 };
+
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 flash_fwd_sm90(const __grid_constant__ FwdParams params, const __grid_constant__ TmaMaps maps) {
-    // Swizzle atoms must be 1024-byte aligned; the launcher adds 1 KB of slack.
-    extern __shared__ __align__(1024) unsigned char smem_raw[];
-    const unsigned misalign = smem_u32(smem_raw) % 1024;
-    elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw + (misalign ? 1024 - misalign : 0));  // (Br, d)
-    elem_t* sK = sQ + kBlockM * HEAD_DIM;             // kStages x (Bc, d)
-    elem_t* sV = sK + kStages * kBlockN * HEAD_DIM;   // kStages x (Bc, d)
-    elem_t* sO = sV + kStages * kBlockN * HEAD_DIM;   // (Br, d) if kStageO
-    // 8-byte mbarriers: Q's full and empty, the K ring's full and empty, the V ring's, the unit
-    // queue's full and empty; then the unit queue's slots.
-    unsigned char* sBar = reinterpret_cast<unsigned char*>(sO + (kStageO ? kBlockM * HEAD_DIM : 0));
-    const unsigned bar0 = smem_u32(sBar);
+    SharedStorage& smem = shared_storage<SharedStorage>();
+    elem_t* sQ = smem.q();
+    elem_t* sK = smem.k_ring();
+    elem_t* sV = smem.v_ring();
+    elem_t* sO = smem.o();
     // Q's position counts the CTA's tiles of O that see a key; K/V ring position r counts K/V
     // tiles over all of them.
-    const ptx::MbarRing<1> q_ring{bar0, bar0 + 8};
-    const ptx::MbarRing<kStages> k_ring{bar0 + 8 * 2, bar0 + 8 * (2 + kStages)};
-    const ptx::MbarRing<kStages> v_ring{bar0 + 8 * (2 + 2 * kStages), bar0 + 8 * (2 + 3 * kStages)};
+    const ptx::MbarRing<1> q_ring{smem_u32(&smem.q_full), smem_u32(&smem.q_empty)};
+    const ptx::MbarRing<kStages> k_ring{smem_u32(smem.k_full), smem_u32(smem.k_empty)};
+    const ptx::MbarRing<kStages> v_ring{smem_u32(smem.v_full), smem_u32(smem.v_empty)};
     // Read by the Q thread and every consumer thread (all arrive, so that racecheck sees each
     // read ordered before the slot is rewritten).
     constexpr unsigned kUnitReaders = 1 + kConsumerThreads;
-    const UnitQueue queue{reinterpret_cast<int*>(sBar + 8 * (2 + 4 * kStages + 4)),
-                          {bar0 + 8 * (2 + 4 * kStages), bar0 + 8 * (4 + 4 * kStages)}, params.unit_counter};
+    const UnitQueue queue{smem.units, {smem_u32(smem.unit_full), smem_u32(smem.unit_empty)}, params.unit_counter};
 
     const TileSchedule schedule{params.num_m_blocks, params.num_bh, params.tail_heads};
     const int diag = params.seqlen_k - params.seqlen_q;
@@ -269,10 +286,10 @@ flash_fwd_sm90(const __grid_constant__ FwdParams params, const __grid_constant__
         if (kStageO) {
             // The warpgroup's rows of sO are free once its last copy has read them.
             if (tid % 128 == 0) ptx::bulk_wait_read<0>();
-            ptx::named_barrier(1 + wg, 128);
+            ptx::named_barrier(kOStaged + wg, 128);
             stmatrix_acc_swizzled<kBlockM>(sO, acc_o, warp_row0);
             ptx::fence_proxy_async();
-            ptx::named_barrier(1 + wg, 128);
+            ptx::named_barrier(kOStaged + wg, 128);
             if (tid % 128 == 0 && (!kRowsEndAligned || m0 + wg_row0 >= 0)) {  // TMA clips rows past seqlen_q, columns past head_dim
 #pragma unroll
                 for (int p = 0; p < HEAD_DIM / 64; ++p)

@@ -126,6 +126,9 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
                  "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 
+// An mbarrier: 8 bytes of shared memory, named by its shared address in the calls above.
+typedef unsigned long long mbar_t;
+
 // A ring of N shared-memory slots that a producer (TMA, or a thread) fills and consumers drain:
 // position i uses slot i % N in phase (i / N) & 1, with a "full" mbarrier (the slot is written)
 // and an "empty" one (every consumer is done with it); slot s's barriers are 8 s bytes after

@@ -18,6 +18,18 @@ typedef unsigned long long desc_t;
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 
+// The CTA's dynamic shared memory as a T, from its first 1024-byte boundary: swizzle atoms must be
+// 1024-byte aligned, and the launcher adds kSmemAlignSlack bytes for the shift
+// (cuflash/plan.py: SMEM_ALIGN_SLACK).
+constexpr int kSmemAlignSlack = 1024;
+using ptx::mbar_t;
+template <class T>
+__device__ __forceinline__ T& shared_storage() {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned misalign = smem_u32(smem_raw) % 1024;
+    return *reinterpret_cast<T*>(smem_raw + (misalign ? 1024 - misalign : 0));
+}
+
 // Start a copy of the (ROWS, HEAD_DIM) tile at (row, col 0) of (head, batch) into a swizzled
 // tile, panel by panel, completing on mbarrier `bar` (which expects ROWS * HEAD_DIM * 2 bytes).
 template <int ROWS>

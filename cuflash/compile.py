@@ -90,26 +90,31 @@ def _program(file, variant, names, layouts, arch=None, **defines):
 
 @functools.lru_cache(maxsize=None)
 def forward_program(variant):
-    """The Program of a forward variant."""
+    """The Program of a forward variant. SMEM_BYTES, the launcher's shared-memory size, is
+    static_asserted by the kernel against its own layout."""
+    smem = plan.forward_smem_bytes(variant.head_dim, variant.tile)
     if plan.is_hopper(variant):
-        return _program("flash_fwd_sm90.cu", variant, ("flash_fwd_sm90",), ("FwdParams", "TmaMaps"), HOPPER_ARCH, STAGES=variant.tile.stages,
-                        O_STAGED=int(variant.tile.o_staged))
-    return _program("flash_fwd.cu", variant, ("flash_fwd",), ("FwdParams",), STAGES=variant.tile.stages)
+        return _program("flash_fwd_sm90.cu", variant, ("flash_fwd_sm90",), ("FwdParams", "TmaMaps"), HOPPER_ARCH,
+                        STAGES=variant.tile.stages, O_STAGED=int(variant.tile.o_staged), SMEM_BYTES=smem)
+    return _program("flash_fwd.cu", variant, ("flash_fwd",), ("FwdParams",), STAGES=variant.tile.stages, SMEM_BYTES=smem)
 
 
 @functools.lru_cache(maxsize=None)
 def backward_program(variant):
     """The Program of a backward variant: the row passes and the dK/dV kernel of its family, and
-    the deterministic dQ kernel of the portable one."""
+    the deterministic dQ kernel of the portable one. SMEM_BYTES (and DQ_SMEM_BYTES), the
+    launcher's shared-memory sizes, are static_asserted by the kernels against their layouts."""
     tile = variant.tile
+    smem = plan.backward_smem_bytes(variant.head_dim, tile)
     if plan.is_hopper(variant):
         names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq_tiles")
-        return _program("flash_bwd_sm90.cu", variant, names, ("BwdParams", "TmaMaps"), HOPPER_ARCH, STAGES=tile.stages, DQ_ATOMIC=1, DQ_TILED=1,
-                        DKDV_FLUSH=int(variant.flush))
+        return _program("flash_bwd_sm90.cu", variant, names, ("BwdParams", "TmaMaps"), HOPPER_ARCH, STAGES=tile.stages,
+                        DQ_ATOMIC=1, DQ_TILED=1, DKDV_FLUSH=int(variant.flush), SMEM_BYTES=smem)
     names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
-    return _program("flash_bwd.cu", variant, names, ("BwdParams",), DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm, KV_WM=tile.kv_wm,
-                    DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic), DQ_TILED=0,
-                    DKDV_FLUSH=int(variant.flush))
+    return _program("flash_bwd.cu", variant, names, ("BwdParams",), DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm,
+                    KV_WM=tile.kv_wm, DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic), DQ_TILED=0,
+                    DKDV_FLUSH=int(variant.flush), SMEM_BYTES=smem,
+                    DQ_SMEM_BYTES=plan.backward_dq_smem_bytes(variant.head_dim, tile))
 
 
 DROPOUT_MASK_PROGRAM = Program("dropout_mask.cu", ("dropout_mask",), (), layouts=("MaskParams",))

@@ -122,7 +122,8 @@ HOPPER_FWD_TILES = {
 HOPPER_FWD_DROPOUT_TILES = {64: HopperFwdTile(128, 128, 3, o_staged=False), 128: HopperFwdTile(128, 128, 2, o_staged=False)}
 HOPPER_HEAD_DIMS = tuple(HOPPER_FWD_TILES)
 HOPPER_WGMMA_N = (64, 128, 256)  # ptx::Wgmma<N> of cuda_src/ptx.cuh: S = Q K^T is Bc wide, O d wide
-HOPPER_SMEM_SLACK = 1024 + 256  # the sm_90a kernels align their tiles to 1 KB, and have < 32 mbarriers
+SMEM_ALIGN_SLACK = 1024  # the sm_90a kernels align their shared storage to 1 KB (warpgroup_gemm.cuh)
+MBARRIER_BYTES = 8
 SMEM_OPTIN_BY_CC = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
@@ -141,12 +142,14 @@ def head_dim_bucket(head_dim):
 
 
 def forward_smem_bytes(head_dim, tile):
-    """Shared memory of the forward kernel: a Q tile and `stages` K and V tiles, rows padded by 16
-    bytes; the sm_90a kernel's tiles (and its staged O) are swizzled, unpadded, and 1024-byte
-    aligned by 1 KB of slack, which HOPPER_SMEM_SLACK tops up for the mbarriers."""
+    """Shared memory of the forward kernel, which static_asserts it (SMEM_BYTES): a Q tile and
+    `stages` K and V tiles, rows padded by 16 bytes; the sm_90a kernel's SharedStorage holds the
+    tiles (and its staged O) swizzled, unpadded, then 6 + 4 * stages mbarriers and 2 ints, and is
+    1024-byte aligned by SMEM_ALIGN_SLACK bytes of slack."""
     if isinstance(tile, HopperFwdTile):
         o_rows = tile.block_m if tile.o_staged else 0
-        return (tile.block_m + 2 * tile.stages * tile.block_n + o_rows) * head_dim * 2 + HOPPER_SMEM_SLACK
+        tiles = (tile.block_m + 2 * tile.stages * tile.block_n + o_rows) * head_dim * 2
+        return tiles + MBARRIER_BYTES * (6 + 4 * tile.stages) + 2 * 4 + SMEM_ALIGN_SLACK
     pitch_bytes = (head_dim + 8) * 2
     return (tile.block_m + 2 * tile.stages * tile.block_n) * pitch_bytes
 
@@ -367,15 +370,16 @@ HOPPER_BWD_HEAD_DIMS = tuple(HOPPER_BWD_TILES)
 
 
 def backward_smem_bytes(head_dim, tile):
-    """flash_bwd_dkdv: K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered.
-    flash_bwd_dkdv_sm90: K, V; Q and dO in `stages` slots; two dS^T buffers (with block_n = 64
-    also two of P^T and P^T in float32); the float32 dQ tile; lse2 and D per slot; mbarriers; 1 KB
-    of alignment slack."""
+    """Shared memory of the dK/dV kernel, which static_asserts it (SMEM_BYTES). flash_bwd_dkdv:
+    K, V; Q and dO double-buffered; P^T and dS^T; lse2 and D double-buffered. flash_bwd_dkdv_sm90
+    (SharedStorage): K, V; Q and dO in `stages` slots; two dS^T buffers (with block_n = 64 also
+    two of P^T and P^T in float32); the float32 dQ tile; lse2 and D per slot; 2 + 3 * stages
+    mbarriers; SMEM_ALIGN_SLACK bytes of alignment slack."""
     if isinstance(tile, HopperBwdTile):
         st_buffers, p_floats = (4, tile.block_n * tile.block_m) if tile.block_n == 64 else (2, 0)
-        return (2 * tile.block_n * head_dim * 2 + 2 * tile.stages * tile.block_m * head_dim * 2
-                + st_buffers * tile.block_n * tile.block_m * 2 + p_floats * 4 + tile.block_m * head_dim * 4
-                + tile.stages * 2 * tile.block_m * 4 + HOPPER_SMEM_SLACK)
+        tiles = (2 * tile.block_n + 2 * tile.stages * tile.block_m) * head_dim * 2 + st_buffers * tile.block_n * tile.block_m * 2
+        floats = p_floats + tile.block_m * head_dim + tile.stages * 2 * tile.block_m
+        return tiles + floats * 4 + MBARRIER_BYTES * (2 + 3 * tile.stages) + SMEM_ALIGN_SLACK
     pitch_bytes = (head_dim + 8) * 2
     return ((2 * tile.block_n + 4 * tile.block_m) * pitch_bytes
             + 2 * tile.block_n * (tile.block_m + 8) * 2 + 4 * tile.block_m * 4)
