@@ -81,7 +81,7 @@ __device__ __forceinline__ int64 dq_accum_offset(int bh, int r, int c, int seqle
 // two that covers the bucket's 16-byte chunks) share a row, lane l of them holding columns
 // 8l .. 8l + 7, so that every lane has a load in flight at d <= 128 too; a warp issues the loads
 // of all its rows before it reduces or stores any.
-constexpr int kRowsPerBlock = 16;  // cuflash/backward.py: ROWS_PER_BLOCK
+constexpr int kRowsPerBlock = 16;  // cuflash/backward_launch.py: ROWS_PER_BLOCK
 constexpr int kLanesPerRow = HEAD_DIM <= 64 ? 8 : HEAD_DIM <= 128 ? 16 : 32;
 constexpr int kRowsPerPass = 32 / kLanesPerRow, kPasses = 4 / kRowsPerPass;
 

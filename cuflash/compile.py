@@ -108,7 +108,8 @@ def backward_program(variant):
     smem = plan.backward_smem_bytes(variant.head_dim, tile)
     if plan.is_hopper(variant):
         names = ("flash_bwd_preprocess", "flash_bwd_dkdv_sm90", "flash_bwd_convert_dq_tiles")
-        return _program("flash_bwd_sm90.cu", variant, names, ("BwdParams", "TmaMaps"), HOPPER_ARCH, STAGES=tile.stages,
+        file = "flash_bwd_sm90_split_d.cu" if tile.block_n == 64 else "flash_bwd_sm90.cu"
+        return _program(file, variant, names, ("BwdParams", "TmaMaps"), HOPPER_ARCH, STAGES=tile.stages,
                         DQ_ATOMIC=1, DQ_TILED=1, DKDV_FLUSH=int(variant.flush), SMEM_BYTES=smem)
     names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
     return _program("flash_bwd.cu", variant, names, ("BwdParams",), DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm,
