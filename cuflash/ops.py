@@ -15,6 +15,22 @@ _plans = {}
 _plans_lock = threading.Lock()
 
 
+_plan_caches = [_plans]  # with the adapters' caches of plans by their own signatures
+
+
+def keep_plans_in(cache):
+    """Register an adapter's dict of plans, for clear_plan_cache."""
+    _plan_caches.append(cache)
+    return cache
+
+
+def clear_plan_cache():
+    """Forget every kept plan (they hold grids sized by the device's SM count)."""
+    with _plans_lock:
+        for cache in _plan_caches:
+            cache.clear()
+
+
 def forward_plan(q, k, v, o, softmax_scale, causal, dropout_p, tile=None):
     """The ForwardPlan of validated, aligned, non-empty arrays described by q, k, v, o (on q's
     device), from the cache when this signature was planned before."""

@@ -41,7 +41,7 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
 
 # --- eager ---------------------------------------------------------------------------------------
 
-_signatures = {}  # tensor signature -> (ForwardPlan, device index, lse shape), validated
+_signatures = ops.keep_plans_in({})  # tensor signature -> (ForwardPlan, device index, lse shape), validated
 _signatures_lock = threading.Lock()
 
 

@@ -92,24 +92,13 @@ def _kernels_compiled_in_parallel(request):
     gpu_tests = sum(item.get_closest_marker("gpu") is not None for item in request.session.items)
     if not HAVE_GPU or gpu_tests < PRECOMPILE_FROM_GPU_TESTS:
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     import cupy
 
     from cuflash import compile as compile_, device, plan
 
-    capability = device.compute_capability(cupy.cuda.Device().id)
     programs = ({compile_.forward_program(v) for v in plan.forward_variants()}
                 | {compile_.backward_program(v) for v in plan.backward_variants()} | {compile_.DROPOUT_MASK_PROGRAM})
-
-    def build(program):
-        try:
-            compile_.binary(program, compile_.arch_for(program, capability))
-        except RuntimeError:
-            pass
-
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(build, programs))
+    compile_.compile_all(programs, device.compute_capability(cupy.cuda.Device().id), os.cpu_count(), skip_failures=True)
 
 
 @pytest.fixture(autouse=True)

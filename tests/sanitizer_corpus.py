@@ -5,26 +5,20 @@ whose grid is given converter CTAs (its dK/dV CTAs made to exceed a pretended 4-
 both backwards with their dK/dV accumulators flushed every Q tile or two.
 Prints "corpus done" at the end; any error makes the process exit non-zero."""
 import os
-import sys
 
 import cupy
 
 import cuflash
-from cuflash import plan
-from cuflash.reference import from_float32
+from cuflash import backward_launch, plan
+from helpers import randn
 
-backward_module = sys.modules["cuflash.backward"]  # the module, which cuflash.backward (the function) hides
-
-
-def randn(shape, dtype, seed):
-    return from_float32(cupy.random.default_rng(seed).standard_normal(shape, dtype=cupy.float32), dtype)
 
 
 def run(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, causal, dropout_p=0.0):
-    q = randn((batch, seqlen_q, nheads, head_dim), dtype, 1)
-    k, v = (randn((batch, seqlen_k, nheads_k, head_dim), dtype, seed) for seed in (2, 3))
+    q = randn((batch, seqlen_q, nheads, head_dim), dtype, seed=1)
+    k, v = (randn((batch, seqlen_k, nheads_k, head_dim), dtype, seed=seed) for seed in (2, 3))
     o, lse = cuflash.forward(q, k, v, causal=causal, dropout_p=dropout_p, seed=7)
-    dout = randn(o.shape, dtype, 4)
+    dout = randn(o.shape, dtype, seed=4)
     cuflash.backward(dout, q, k, v, o, lse, causal=causal, dropout_p=dropout_p, seed=7)
     cupy.cuda.runtime.deviceSynchronize()
 
@@ -53,7 +47,7 @@ if __name__ == "__main__":
         run(1, 300, 200, 4, 2, 64, "bfloat16", False)
     plan.DKDV_FLUSH_ROWS = 65536
     # The sm_90a backward with converter CTAs: 8 dK/dV CTAs on a pretended 4-SM GPU.
-    backward_module.sm_count = lambda device_id: 4
+    backward_launch.sm_count = lambda device_id: 4
     run(1, 256, 512, 4, 2, 128, "bfloat16", False)
     run(1, 256, 512, 4, 2, 64, "float16", True)
     print("corpus done")

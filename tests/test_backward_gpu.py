@@ -1,17 +1,15 @@
 """GPU: the backward (dq, dk, dv) against float64 gradients with the 2x rule, every variant the
 dispatcher can pick, fuzzed shapes, GQA, strided views, deterministic mode."""
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from accuracy import assert_2x
-from test_forward_gpu import FAMILIES, forward_path, problems, qkv, randn
+from helpers import FAMILIES, assert_2x, assert_backward_2x, forward_path, problems, qkv, randn, rows_that_see_a_key
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
-from cuflash import plan  # noqa: E402
+from cuflash import backward_launch, plan  # noqa: E402
 from cuflash.reference import attention_reference_backward  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -24,10 +22,7 @@ def check_backward(q, k, v, causal, softmax_scale=None, deterministic=False, til
     dq, dk, dv = cuflash.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
                                   deterministic=deterministic, tile=tile)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dq.dtype == q.dtype
-    ref = attention_reference_backward(dout, q, k, v, softmax_scale, causal)
-    low = attention_reference_backward(dout, q, k, v, softmax_scale, causal, upcast=False)
-    for name, got, r, lo in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, low):
-        assert_2x(got, r, lo, dtype, name)
+    assert_backward_2x((dq, dk, dv), dout, q, k, v, softmax_scale, causal)
     return dq, dk, dv
 
 
@@ -42,11 +37,6 @@ def test_every_backward_variant(variant, monkeypatch):
     for seqlens in ((113, 203), (203, 113)):
         check_backward(*qkv(1, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal,
                        deterministic=variant.deterministic, tile=variant.tile)
-
-
-def rows_that_see_a_key(p):
-    rows = p["seqlen_q"] if not p["causal"] else max(0, min(p["seqlen_q"], p["seqlen_k"]))
-    return p["batch"] * p["nheads"] * rows
 
 
 @pytest.mark.parametrize("path", FAMILIES)
@@ -80,7 +70,7 @@ def test_dq_converter_ctas(converters, head_dim, causal, monkeypatch):
     converts every tile), or one or three, each walking many tiles of several GQA groups."""
     if cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU")
-    monkeypatch.setattr(sys.modules["cuflash.backward"], "sm_count", lambda device_id: converters)
+    monkeypatch.setattr(backward_launch, "sm_count", lambda device_id: converters)
     check_backward(*qkv(2, 517, 389, 6, 2, head_dim, "bfloat16", seed=converters), causal)
 
 

@@ -10,6 +10,7 @@ import warnings
 import pytest
 
 from cuflash import compile as compile_
+from helpers import forget_compiled
 
 PROGRAMS = [compile_.Program("dropout_mask.cu", ("dropout_mask",), (("X", n),)) for n in range(2)]
 
@@ -32,11 +33,6 @@ def compiles(monkeypatch, tmp_path):
     return calls
 
 
-def _fresh_process(monkeypatch):
-    """Forget what this process compiled, as a new process would."""
-    monkeypatch.setattr(compile_, "_memory", {})
-
-
 def _path(program, arch="sm_90"):
     return compile_.cache_dir() / f"{compile_.cache_key(program, arch)}.bin"
 
@@ -44,7 +40,7 @@ def _path(program, arch="sm_90"):
 def test_a_program_compiles_once_then_loads_from_disk(compiles, monkeypatch):
     first = compile_.binary(PROGRAMS[0], "sm_90")
     assert _path(PROGRAMS[0]).is_file() and compiles == [(PROGRAMS[0], "sm_90")]
-    _fresh_process(monkeypatch)
+    forget_compiled(monkeypatch)
     assert compile_.binary(PROGRAMS[0], "sm_90") == first and len(compiles) == 1
     compile_.binary(PROGRAMS[0], "sm_80")
     assert len(compiles) == 2, "another arch is another binary"
@@ -55,7 +51,7 @@ def test_the_key_covers_source_options_arch_and_nvrtc(compiles, monkeypatch):
             compile_.cache_key(PROGRAMS[0], "sm_80")}
     monkeypatch.setattr(compile_, "nvrtc_version", lambda: (13, 1))
     keys.add(compile_.cache_key(PROGRAMS[0], "sm_90"))
-    monkeypatch.setattr(compile_, "_flat_source", lambda file: "// edited\n")
+    monkeypatch.setattr(compile_, "_source", lambda file, layouts: "// edited\n")
     keys.add(compile_.cache_key(PROGRAMS[0], "sm_90"))
     assert len(keys) == 5
 
@@ -67,7 +63,7 @@ def test_a_file_of_another_program_is_recompiled(compiles, monkeypatch):
     blob_a, blob_b = path_a.read_bytes(), path_b.read_bytes()
     path_a.write_bytes(blob_b)
     path_b.write_bytes(blob_a)
-    _fresh_process(monkeypatch)
+    forget_compiled(monkeypatch)
     assert compile_.binary(PROGRAMS[0], "sm_90") == a and compile_.binary(PROGRAMS[1], "sm_90") == b
     assert len(compiles) == 4
     assert path_a.read_bytes() == blob_a, "the recompiled binary replaces the wrong file"
@@ -81,7 +77,7 @@ def test_a_damaged_file_is_recompiled(compiles, monkeypatch, damage):
     damaged = {"truncate": blob[:-3], "flip": blob[:-1] + bytes([blob[-1] ^ 1]), "empty": b"",
                "garbage": os.urandom(64), "not_a_header": compile_.CACHE_FORMAT + b"\n5\n\x7fELF"}[damage]
     path.write_bytes(damaged)
-    _fresh_process(monkeypatch)
+    forget_compiled(monkeypatch)
     assert compile_.binary(PROGRAMS[0], "sm_90") == good and len(compiles) == 2
 
 

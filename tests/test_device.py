@@ -19,29 +19,29 @@ def gpu(monkeypatch):
     monkeypatch.setattr(device, "driver_version", lambda: facts["driver"])
     monkeypatch.setattr(compile_, "nvrtc_version", lambda: facts["nvrtc"])
     monkeypatch.setattr(compile_, "_supported_archs", lambda: facts["known"])
-    device.check_supported.cache_clear()
+    compile_.check_supported.cache_clear()
     yield facts
-    device.check_supported.cache_clear()
+    compile_.check_supported.cache_clear()
 
 
 def test_a_supported_gpu_passes(gpu):
-    assert device.check_supported(0)
+    assert compile_.check_supported(0)
     gpu.update(capability=80, driver=(13, 0), nvrtc=(13, 5))  # a newer NVRTC minor: cubins still load
-    device.check_supported.cache_clear()
-    assert device.check_supported(0)
+    compile_.check_supported.cache_clear()
+    assert compile_.check_supported(0)
 
 
 @pytest.mark.parametrize("capability", [70, 75])
 def test_a_gpu_below_sm80_is_refused(gpu, capability):
     gpu["capability"] = capability
     with pytest.raises(RuntimeError, match=rf"compute capability 8.0 or newer.*Pretend GPU.*{capability // 10}\."):
-        device.check_supported(0)
+        compile_.check_supported(0)
 
 
 def test_a_driver_older_than_nvrtc_is_refused(gpu):
     gpu.update(driver=(12, 8), nvrtc=(13, 0))
     with pytest.raises(RuntimeError, match=r"CUDA 12.8, older than NVRTC 13.0.*cuflash\[cuda12\]"):
-        device.check_supported(0)
+        compile_.check_supported(0)
 
 
 def test_a_gpu_newer_than_nvrtc_needs_a_driver_as_new_as_nvrtc(gpu):
@@ -49,10 +49,10 @@ def test_a_gpu_newer_than_nvrtc_needs_a_driver_as_new_as_nvrtc(gpu):
     gpu.update(capability=120, known=(80, 90), driver=(13, 0), nvrtc=(13, 5))
     assert compile_.arch_for(compile_.DROPOUT_MASK_PROGRAM, 120) == "compute_90"
     with pytest.raises(RuntimeError, match="older than NVRTC 13.5"):
-        device.check_supported(0)
+        compile_.check_supported(0)
     gpu["driver"] = (13, 5)
-    device.check_supported.cache_clear()
-    assert device.check_supported(0)
+    compile_.check_supported.cache_clear()
+    assert compile_.check_supported(0)
 
 
 def test_hopper_kernels_keep_their_target(gpu):

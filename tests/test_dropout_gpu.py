@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from accuracy import assert_2x
-from test_backward_gpu import rows_that_see_a_key
-from test_forward_gpu import poisoned, problems, qkv, randn
+from helpers import assert_backward_2x, assert_forward_2x, poisoned, problems, qkv, randn, rows_that_see_a_key
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
 from cuflash import plan, reference  # noqa: E402
-from cuflash.reference import attention_reference, attention_reference_backward  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -25,19 +22,11 @@ def assert_matches_reference(q, k, v, causal, dropout_p, mask, softmax_scale=Non
                              grads=None):
     """The 2x rule against the float64 reference built with `mask`, for whichever of o, lse and
     (with dout) grads = (dq, dk, dv) are given; q, k, v, dout are CuPy arrays."""
-    dtype = q.dtype.name
     drop = dict(dropout_p=dropout_p, dropout_mask=mask)
     if o is not None:
-        o_ref, lse_ref = attention_reference(q, k, v, softmax_scale, causal, **drop)
-        o_low, lse_low = attention_reference(q, k, v, softmax_scale, causal, upcast=False, **drop)
-        assert_2x(o, o_ref, o_low, dtype)
-        if lse is not None:
-            assert_2x(lse, lse_ref, lse_low, dtype, "lse")
+        assert_forward_2x(o, lse, q, k, v, softmax_scale, causal, **drop)
     if grads is not None:
-        ref = attention_reference_backward(dout, q, k, v, softmax_scale, causal, **drop)
-        low = attention_reference_backward(dout, q, k, v, softmax_scale, causal, upcast=False, **drop)
-        for name, got, r, lo in zip(("dq", "dk", "dv"), grads, ref, low):
-            assert_2x(got, r, lo, dtype, name)
+        assert_backward_2x(grads, dout, q, k, v, softmax_scale, causal, **drop)
 
 
 def check_dropout_forward(q, k, v, causal, dropout_p, seed, offset=0, softmax_scale=None, tile=None):

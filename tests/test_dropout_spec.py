@@ -3,16 +3,17 @@ answers; the keep rate; keep bits that depend on every key and counter word and 
 (not the tile, not the order); the tiled models with dropout against the plain references given
 the whole mask; dropout_p = 0 changing no bit; the reference backward with dropout against finite
 differences of the forward with the same fixed mask."""
+import functools
 import math
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from accuracy import assert_2x, assert_matches_finite_differences, max_abs_err
 from cuflash import reference
 from cuflash.reference import (attention_reference, attention_reference_backward, dropout_keep, dropout_mask,
                                dropout_words, flash_backward_model, flash_forward_model, from_float32, philox4x32_10)
+from helpers import assert_2x, assert_matches_finite_differences, make_inputs, max_abs_err, model_problems
 
 # Random123 1.14, tests/kat_vectors, philox4x32 10 rounds: (counter, key, expected output).
 KAT = [
@@ -129,26 +130,9 @@ def test_a_tile_of_keep_bits_equals_that_tile_of_the_mask(data, seed, offset, dr
 AWKWARD = [1, 2, 7, 16, 17, 31, 64, 65, 97]
 
 
-@st.composite
-def problems(draw, max_seqlen=100, head_dims=(8, 16, 32, 64)):
-    seqlen = st.one_of(st.sampled_from([n for n in AWKWARD if n <= max_seqlen]), st.integers(1, max_seqlen))
-    nheads_k = draw(st.integers(1, 2))
-    return dict(
-        batch=draw(st.integers(1, 2)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen),
-        nheads_k=nheads_k, nheads=nheads_k * draw(st.sampled_from([1, 2, 3, 4])),
-        head_dim=draw(st.sampled_from(head_dims)), causal=draw(st.booleans()),
-        block_m=draw(st.sampled_from([16, 32, 64, 128])), block_n=draw(st.sampled_from([16, 32, 64, 128])),
-        softmax_scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))), seed=draw(st.integers(0, 2**31)),
-        dropout_p=draw(st.sampled_from([0.1, 0.5, 0.9]) | st.floats(0.01, 0.95)),
-        rng_seed=draw(SEEDS), offset=draw(st.integers(0, 2**33)))
-
-
-def make_inputs(p, dtype):
-    """q, k, v, dout in dtype (standard normal values rounded to it)."""
-    rng = np.random.default_rng(p["seed"])
-    q_shape = (p["batch"], p["seqlen_q"], p["nheads"], p["head_dim"])
-    kv_shape = (p["batch"], p["seqlen_k"], p["nheads_k"], p["head_dim"])
-    return [from_float32(rng.standard_normal(s).astype(np.float32), dtype) for s in (q_shape, kv_shape, kv_shape, q_shape)]
+problems = functools.partial(model_problems, AWKWARD, max_seqlen=100, groups=(1, 2, 3, 4), head_dims=(8, 16, 32, 64),
+                             dropout_p=st.sampled_from([0.1, 0.5, 0.9]) | st.floats(0.01, 0.95), rng_seed=SEEDS,
+                             offset=st.integers(0, 2**33))
 
 
 def mask_of(p):

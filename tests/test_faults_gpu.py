@@ -17,33 +17,22 @@ import warnings
 import numpy as np
 import pytest
 
-from accuracy import SLACK, assert_2x, max_abs_err
+from helpers import FAMILIES, SLACK, assert_2x, assert_forward_2x, forget_compiled, forward_path, max_abs_err, qkv, randn
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
 from cuflash import compile as compile_  # noqa: E402
-from cuflash.reference import attention_reference, attention_reference_backward, from_float32  # noqa: E402
+from cuflash.reference import attention_reference, attention_reference_backward  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.faults]
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def randn(shape, dtype, seed, scale=1.0):
-    rng = cupy.random.default_rng(seed)
-    return from_float32(rng.standard_normal(shape, dtype=cupy.float32) * scale, dtype)
-
-
-def qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype="bfloat16", seed=0, scale=1.0):
-    return (randn((batch, seqlen_q, nheads, head_dim), dtype, seed, scale),
-            randn((batch, seqlen_k, nheads_k, head_dim), dtype, seed + 1, scale),
-            randn((batch, seqlen_k, nheads_k, head_dim), dtype, seed + 2))
-
-
-@pytest.fixture(params=["default", "portable"])
-def family(request, monkeypatch):
+@pytest.fixture(params=FAMILIES)
+def family(request):
     """Each test on both kernel families (the sm_90a one where the GPU has it)."""
-    monkeypatch.setenv("CUFLASH_PORTABLE", "1" if request.param == "portable" else "0")
-    return request.param
+    with forward_path(request.param):
+        yield request.param
 
 
 # --- non-finite inputs and huge logits -----------------------------------------------------------
@@ -73,7 +62,7 @@ def test_non_finite_inputs_stay_in_their_rows(family, where, bad, causal):
     exact as if key j were masked; an Inf in k that scores -inf masks key j. Rows of other heads
     are finite and exact."""
     batch, seqlen, nheads, nheads_k, head_dim = 2, 150, 4, 2, 64
-    q, k, v = qkv(batch, seqlen, seqlen, nheads, nheads_k, head_dim)
+    q, k, v = qkv(batch, seqlen, seqlen, nheads, nheads_k, head_dim, "bfloat16")
     finite = [x.copy() for x in (q, k, v)]
     key, head = 100, 2  # key j (or query row) and the query head; kv head 1 serves query heads 2 and 3
     {"q": q, "k": k, "v": v}[where][0, key, head if where == "q" else head // 2, 5] = bad
@@ -135,7 +124,7 @@ def test_more_than_2_31_elements(family):
     q, k, v = qkv(1, seqlen_q, 256, nheads, nheads_k, head_dim, "float16", seed=5)
     assert q.size > 2**31
     o, lse = cuflash.forward(q, k, v)
-    dout = randn(q.shape, "float16", 9)
+    dout = randn(q.shape, "float16", seed=9)
     dq, _, _ = cuflash.backward(dout, q, k, v, o, lse)
     for rows in (slice(0, 64), slice(seqlen_q - 131, seqlen_q)):
         o_ref, lse_ref = attention_reference(q[:, rows], k, v)
@@ -187,13 +176,6 @@ def test_dk_dv_of_keys_seen_by_millions_of_rows(family, torch):
 
 # --- the kernel cache ----------------------------------------------------------------------------
 
-def forget_compiled(monkeypatch):
-    """Make this process forget every kernel it compiled or loaded, as a new process would."""
-    for module, name in ((compile_, "_memory"), (compile_, "_modules"), (compile_, "_functions"),
-                         (sys.modules["cuflash.forward"], "_prepared"), (sys.modules["cuflash.backward"], "_prepared")):
-        monkeypatch.setattr(module, name, {})
-
-
 @pytest.fixture
 def empty_cache(monkeypatch, tmp_path):
     """An empty kernel cache in tmp_path and a process that has compiled nothing yet."""
@@ -204,16 +186,13 @@ def empty_cache(monkeypatch, tmp_path):
 
 def check_attention(q, k, v, causal=False):
     o, lse = cuflash.forward(q, k, v, causal=causal)
-    o_ref, lse_ref = attention_reference(q, k, v, causal=causal)
-    o_low, lse_low = attention_reference(q, k, v, causal=causal, upcast=False)
-    assert_2x(o, o_ref, o_low, q.dtype.name)
-    assert_2x(lse, lse_ref, lse_low, q.dtype.name, "lse")
+    assert_forward_2x(o, lse, q, k, v, causal=causal)
 
 
 def test_threads_on_an_empty_cache(family, empty_cache):
     """8 threads start on an empty cache at once, two programs among them: each program is
     compiled once, and every result is right."""
-    problems = [qkv(1, 100 + i, 90, 2, 1, 64 if i % 2 else 128, seed=i) for i in range(8)]
+    problems = [qkv(1, 100 + i, 90, 2, 1, 64 if i % 2 else 128, "bfloat16", seed=i) for i in range(8)]
     start, errors = threading.Barrier(8), []
 
     def work(problem):
@@ -236,7 +215,7 @@ def test_threads_on_an_empty_cache(family, empty_cache):
 def test_damaged_cache_files_are_recompiled(family, empty_cache, monkeypatch, damage):
     """Cache files cut short, overwritten, swapped between two programs, or whole but holding a
     binary the driver refuses: each is compiled again, and the results are right."""
-    problems = [qkv(1, 77, 99, 2, 2, 64, seed=1), qkv(1, 77, 99, 2, 2, 128, seed=2)]
+    problems = [qkv(1, 77, 99, 2, 2, 64, "bfloat16", seed=1), qkv(1, 77, 99, 2, 2, 128, "bfloat16", seed=2)]
     for problem in problems:
         check_attention(*problem)
     files = sorted(empty_cache.iterdir())
@@ -265,7 +244,7 @@ def test_an_unwritable_cache_compiles_in_memory(family, empty_cache, monkeypatch
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path / "file" / "cache"))
     monkeypatch.setattr(compile_, "_warned_unwritable", False)
     with pytest.warns(RuntimeWarning, match="not writable"):
-        check_attention(*qkv(1, 65, 65, 2, 2, 64))
+        check_attention(*qkv(1, 65, 65, 2, 2, 64, "bfloat16"))
 
 
 # --- CUDA graphs and leaks -----------------------------------------------------------------------

@@ -4,64 +4,20 @@ Outputs are poisoned with NaN before each launch so an unwritten element fails t
 and edge-shape tests run each problem on both kernel families: the default (the sm_90a kernels on
 a compute capability 9.0 GPU, for the head dims that have one) and the portable one.
 """
-import contextlib
-import os
-import sys
-
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
-from accuracy import assert_2x
+from helpers import FAMILIES, assert_2x, assert_forward_2x, forward_path, poisoned, problems, qkv, randn, torch_qkv
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
 from cuflash import plan  # noqa: E402
-from cuflash.reference import attention_reference, from_float32  # noqa: E402
+from cuflash.reference import attention_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-AWKWARD = [1, 2, 3, 17, 63, 64, 65, 113, 127, 128, 129, 203, 239, 257, 509, 1021, 1999]
-LAYOUTS = ["contiguous", "bhsd", "packed", "padded"]
-
-
-def randn(shape, dtype, layout="contiguous", seed=0):
-    """A random CuPy array of `shape` (b, s, h, d), as a view with the strides of `layout`:
-    bhsd: a transposed (b, h, s, d) tensor; packed: one of three in (b, s, 3, h, d); padded: the
-    first d columns of (b, s, h, d + 8)."""
-    b, s, h, d = shape
-    full = {"contiguous": (b, s, h, d), "bhsd": (b, h, s, d), "packed": (b, s, 3, h, d), "padded": (b, s, h, d + 8)}[layout]
-    x = from_float32(cupy.random.default_rng(seed).standard_normal(full, dtype=cupy.float32), dtype)
-    return {"contiguous": lambda: x, "bhsd": lambda: x.transpose(0, 2, 1, 3), "packed": lambda: x[:, :, 1],
-            "padded": lambda: x[..., :d]}[layout]()
-
-
-FAMILIES = ["default", "portable"]
 PATHS = FAMILIES + ["3_ctas"]
-
-
-@contextlib.contextmanager
-def forward_path(path):
-    """Run on `path` for the duration: "portable" sets CUFLASH_PORTABLE=1 (no sm_90a kernels);
-    "3_ctas" gives the persistent sm_90a forward a grid of 3 CTAs, so that small problems too
-    walk many tiles per CTA."""
-    forward = sys.modules["cuflash.forward"]  # the module, which cuflash.forward (the function) hides
-    saved = os.environ.get("CUFLASH_PORTABLE"), forward.sm_count
-    os.environ["CUFLASH_PORTABLE"] = "1" if path == "portable" else "0"
-    if path == "3_ctas":
-        forward.sm_count = lambda device_id: 3
-    try:
-        yield
-    finally:
-        forward.sm_count = saved[1]
-        if saved[0] is None:
-            del os.environ["CUFLASH_PORTABLE"]
-        else:
-            os.environ["CUFLASH_PORTABLE"] = saved[0]
-
-
-def poisoned(shape, dtype):
-    return from_float32(cupy.full(shape, cupy.nan, dtype=cupy.float32), dtype)
 
 
 def check_forward(q, k, v, causal, softmax_scale=None, tile=None):
@@ -69,16 +25,7 @@ def check_forward(q, k, v, causal, softmax_scale=None, tile=None):
     out = poisoned(q.shape, dtype)
     o, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out=out, tile=tile)
     assert o is out and lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == np.float32
-    o_ref, lse_ref = attention_reference(q, k, v, softmax_scale, causal)
-    o_low, lse_low = attention_reference(q, k, v, softmax_scale, causal, upcast=False)
-    assert_2x(o, o_ref, o_low, dtype)
-    assert_2x(lse, lse_ref, lse_low, dtype, "lse")
-
-
-def qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, layout="contiguous", seed=0):
-    return (randn((batch, seqlen_q, nheads, head_dim), dtype, layout, seed),
-            randn((batch, seqlen_k, nheads_k, head_dim), dtype, layout, seed + 1),
-            randn((batch, seqlen_k, nheads_k, head_dim), dtype, layout, seed + 2))
+    assert_forward_2x(o, lse, q, k, v, softmax_scale, causal)
 
 
 @pytest.mark.parametrize("variant", plan.forward_variants(), ids=repr)
@@ -89,26 +36,6 @@ def test_every_variant(variant, seqlens):
     if plan.is_hopper(variant) and cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU")
     check_forward(*qkv(2, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal, tile=variant.tile)
-
-
-def problems(max_seqlen=2000, max_batch=3, max_scores=6e7, groups=(1, 2, 3, 4, 8), **extra):
-    """Fuzzed problems (a dict): awkward or random seqlens up to max_seqlen, sq != sk, GQA groups,
-    every head dim, both dtypes, strided layouts, causal or not, scale, data seed; plus a field per
-    `extra` strategy. The batch shrinks so that the float64 reference's (b, h, sq, sk) scores stay
-    under max_scores elements (6e7: ~0.5 GB)."""
-    @st.composite
-    def draw_problem(draw):
-        seqlen = st.one_of(st.sampled_from(AWKWARD), st.integers(1, max_seqlen))
-        nheads_k = draw(st.integers(1, 2))
-        p = dict(batch=draw(st.integers(1, max_batch)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen),
-                 nheads_k=nheads_k, nheads=nheads_k * draw(st.sampled_from(groups)),
-                 head_dim=draw(st.sampled_from(range(8, 257, 8))), dtype=draw(st.sampled_from(plan.DTYPES)),
-                 layout=draw(st.sampled_from(LAYOUTS)), causal=draw(st.booleans()),
-                 softmax_scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))), seed=draw(st.integers(0, 2**20)),
-                 **{name: draw(strategy) for name, strategy in extra.items()})
-        p["batch"] = max(1, min(p["batch"], int(max_scores // (p["nheads"] * p["seqlen_q"] * p["seqlen_k"]))))
-        return p
-    return draw_problem()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -197,11 +124,8 @@ def test_runs_on_cupy_current_stream():
 
 # --- PyTorch callers -------------------------------------------------------------------------
 
-def torch_qkv(torch, dtype, layout, seqlen_q=300, seqlen_k=257):
-    shape = lambda s, h: (2, h, s, 64) if layout == "bhsd" else (2, s, h, 64)  # noqa: E731
-    make = lambda s, h: torch.randn(shape(s, h), dtype=dtype, device="cuda")  # noqa: E731
-    xs = [make(seqlen_q, 8), make(seqlen_k, 2), make(seqlen_k, 2)]
-    return [x.transpose(1, 2) for x in xs] if layout == "bhsd" else xs
+TORCH_SHAPE = (2, 300, 257, 8, 2, 64)  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim
+NO_GRAD = (False, False, False)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -210,7 +134,7 @@ def test_torch_inputs_zero_copy_and_torch_outputs(dtype, layout):
     torch = pytest.importorskip("torch")
     from cuflash import interop
 
-    q, k, v = torch_qkv(torch, getattr(torch, dtype), layout)
+    q, k, v = torch_qkv(torch, TORCH_SHAPE, getattr(torch, dtype), layout, NO_GRAD)
     assert interop.launchable(q, interop.describe(q, "q"))[1].data_ptr == q.data_ptr()
     o, lse = cuflash.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert isinstance(o, torch.Tensor) and o.dtype == q.dtype and o.device == q.device and o.shape == q.shape
@@ -224,7 +148,7 @@ def test_torch_inputs_zero_copy_and_torch_outputs(dtype, layout):
 
 def test_torch_current_stream_is_respected():
     torch = pytest.importorskip("torch")
-    q, k, v = torch_qkv(torch, torch.float16, "contiguous")
+    q, k, v = torch_qkv(torch, TORCH_SHAPE, torch.float16, requires_grad=NO_GRAD)
     q_late = torch.full_like(q, float("nan"))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -240,7 +164,8 @@ def test_torch_current_stream_is_respected():
 def test_torch_cpu_tensor_is_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="q must be a CUDA"):
-        cuflash.flash_attn_func(torch.zeros(1, 4, 1, 64, dtype=torch.float16), *torch_qkv(torch, torch.float16, "contiguous")[1:])
+        cuflash.flash_attn_func(torch.zeros(1, 4, 1, 64, dtype=torch.float16),
+                                *torch_qkv(torch, TORCH_SHAPE, torch.float16, requires_grad=NO_GRAD)[1:])
 
 
 # --- JAX callers -----------------------------------------------------------------------------

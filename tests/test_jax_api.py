@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from accuracy import assert_2x
 from cuflash.jax import dot_product_attention
+from helpers import assert_2x
 
 
 @pytest.mark.parametrize("kwargs", [{"bias": 0}, {"mask": 0}, {"query_seq_lengths": 0},

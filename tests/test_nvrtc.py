@@ -169,20 +169,23 @@ def _walk(flat):
 ALL_HEADERS = {p.name for p in compile_.SRC_DIR.iterdir() if p.suffix == ".cuh"}
 
 
-FWD_HEADERS = {"ptx.cuh", "flash_common.cuh", "warp_gemm.cuh", "philox.cuh", "online_softmax.cuh"}
+PARAMS_HEADERS = {"params.cuh", "field_kind.cuh"}
+FWD_HEADERS = {"ptx.cuh", "flash_common.cuh", "warp_gemm.cuh", "philox.cuh", "online_softmax.cuh"} | PARAMS_HEADERS
 BWD_HEADERS = {"ptx.cuh", "flash_common.cuh", "warp_gemm.cuh", "philox.cuh", "softmax_backward.cuh", "bwd_passes.cuh",
-               "dkdv_partial.cuh", "tile_scheduler.cuh"}
+               "dkdv_partial.cuh", "tile_scheduler.cuh"} | PARAMS_HEADERS
+BWD_SM90_HEADERS = BWD_HEADERS | {"warpgroup_gemm.cuh", "bwd_sm90_cta.cuh", "bwd_sm90_producer.cuh", "bwd_sm90_converter.cuh"}
 
 
 def test_every_header_is_used():
-    assert FWD_HEADERS | BWD_HEADERS | {"warpgroup_gemm.cuh", "tile_scheduler.cuh"} == ALL_HEADERS
+    assert FWD_HEADERS | BWD_SM90_HEADERS | {"tile_scheduler.cuh"} == ALL_HEADERS
 
 
 @pytest.mark.parametrize("kernel, headers", [("flash_fwd.cu", FWD_HEADERS),
                                              ("flash_fwd_sm90.cu", FWD_HEADERS | {"warpgroup_gemm.cuh", "tile_scheduler.cuh"}),
                                              ("flash_bwd.cu", BWD_HEADERS),
-                                             ("flash_bwd_sm90.cu", BWD_HEADERS | {"warpgroup_gemm.cuh"}),
-                                             ("dropout_mask.cu", {"philox.cuh"})])
+                                             ("flash_bwd_sm90.cu", BWD_SM90_HEADERS),
+                                             ("flash_bwd_sm90_split_d.cu", BWD_SM90_HEADERS),
+                                             ("dropout_mask.cu", {"philox.cuh", "field_kind.cuh"})])
 def test_flatten_maps_every_line_to_its_real_file(kernel, headers):
     """Every line of a flattened kernel sits under a #line marker naming the real file and line;
     the kernel pulls in its headers."""
@@ -215,8 +218,8 @@ def test_flatten_inlines_each_header_once(tmp_path, monkeypatch):
 
 def test_row_pass_blocks_match_the_launcher():
     """The backward's row passes cover kRowsPerBlock rows per block; the launcher sizes their grid
-    with backward.ROWS_PER_BLOCK, and a mismatch would leave rows without D or dQ."""
-    from cuflash.backward import ROWS_PER_BLOCK  # the module, which cuflash.backward (the function) hides
+    with backward_launch.ROWS_PER_BLOCK, and a mismatch would leave rows without D or dQ."""
+    from cuflash.backward_launch import ROWS_PER_BLOCK
 
     match = re.search(r"constexpr int kRowsPerBlock = (\d+);", (compile_.SRC_DIR / "bwd_passes.cuh").read_text())
     assert match is not None and int(match.group(1)) == ROWS_PER_BLOCK

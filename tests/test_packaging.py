@@ -2,13 +2,11 @@
 and the newest CHANGELOG entry (in a source checkout or an unpacked sdist, where the files sit
 beside tests/)."""
 import re
-from pathlib import Path
 
 import pytest
 
 import cuflash
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 
 def _read(name):

@@ -169,9 +169,25 @@ def test_hopper_tiles_are_legal_and_fit_h100(bucket, tile, smem_bytes):
 
 def test_hopper_smem_bytes():
     # Q (128 rows), two K and two V tiles (128 rows each) and the staged O (128 rows) of 128
-    # unpadded halves, plus 1 KB of alignment slack and room for the mbarriers and the unit queue.
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128 + 128) * 128 * 2 + 1024 + 256
-    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3, o_staged=False)) == (128 + 6 * 64) * 128 * 2 + 1024 + 256
+    # unpadded halves, 6 + 4 * stages mbarriers and the unit queue's 2 slots, plus 1 KB of
+    # alignment slack (the kernels static_assert the same sum: tests/test_nvrtc.py compiles them).
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 128)) == (128 + 4 * 128 + 128) * 128 * 2 + 8 * 14 + 8 + 1024
+    assert plan.forward_smem_bytes(128, HopperFwdTile(128, 64, 3, o_staged=False)) == (128 + 6 * 64) * 128 * 2 + 8 * 18 + 8 + 1024
+
+
+def test_a_wrong_smem_size_fails_the_compile(monkeypatch):
+    """A launcher size that disagrees with a kernel's layout fails its static_assert (NVRTC, no GPU)."""
+    from cuflash import compile as compile_
+
+    variant = plan.forward_variant("bfloat16", 128, False, hopper=True)
+    size = plan.forward_smem_bytes(variant.head_dim, variant.tile)
+    compile_.forward_program.cache_clear()
+    monkeypatch.setattr(plan, "forward_smem_bytes", lambda head_dim, tile: size - 8)
+    try:
+        with pytest.raises(RuntimeError, match="forward_smem_bytes disagrees with SharedStorage"):
+            compile_.compile_program(compile_.forward_program(variant), "sm_90a")
+    finally:
+        compile_.forward_program.cache_clear()
 
 
 def test_hopper_threads():

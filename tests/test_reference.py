@@ -1,31 +1,18 @@
 """CPU: the NumPy model of the tiled forward against the plain float64 reference."""
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from accuracy import assert_2x, max_abs_err
 from cuflash import plan, reference
 from cuflash.reference import attention_reference, flash_forward_model, from_float32
+from helpers import assert_2x, make_inputs, max_abs_err, model_problems
 
 AWKWARD = [1, 2, 7, 16, 17, 31, 64, 65, 113, 127, 128, 129, 203, 239]
 
 
-@st.composite
-def problems(draw):
-    seqlen = st.one_of(st.sampled_from(AWKWARD), st.integers(1, 300))
-    nheads_k = draw(st.integers(1, 3))
-    return dict(
-        batch=draw(st.integers(1, 2)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen),
-        nheads_k=nheads_k, nheads=nheads_k * draw(st.sampled_from([1, 2, 3, 4, 8])),
-        head_dim=draw(st.sampled_from(range(8, 257, 8))), causal=draw(st.booleans()),
-        block_m=draw(st.sampled_from([16, 32, 64, 128])), block_n=draw(st.sampled_from([16, 32, 64, 128])),
-        softmax_scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))), seed=draw(st.integers(0, 2**31)))
-
-
-def make_qkv(p, dtype):
-    rng = np.random.default_rng(p["seed"])
-    shapes = [(p["batch"], p["seqlen_q"], p["nheads"], p["head_dim"])] + 2 * [(p["batch"], p["seqlen_k"], p["nheads_k"], p["head_dim"])]
-    return [from_float32(rng.standard_normal(s).astype(np.float32), dtype) for s in shapes]
+problems = functools.partial(model_problems, AWKWARD, max_seqlen=300, max_nheads_k=3)
 
 
 def kernel_options(p):
@@ -38,7 +25,7 @@ def kernel_options(p):
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_model_matches_float64_reference(p):
-    q, k, v = make_qkv(p, "float64")
+    q, k, v, _ = make_inputs(p, "float64")
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
     for options in kernel_options(p):
         o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"], **options)
@@ -50,7 +37,7 @@ def test_model_matches_float64_reference(p):
 @settings(max_examples=15, deadline=None)
 @given(p=problems())
 def test_model_in_low_precision_obeys_2x_rule(dtype, p):
-    q, k, v = make_qkv(p, dtype)
+    q, k, v, _ = make_inputs(p, dtype)
     o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"])
     o_low, lse_low = attention_reference(q, k, v, p["softmax_scale"], p["causal"], upcast=False)
     for options in kernel_options(p):
@@ -84,7 +71,7 @@ def test_tile_skipping_and_masking_cover_exactly_the_visible_keys(seqlen_q, seql
 
 
 def test_rows_that_see_no_key_give_zero_and_minus_inf():
-    q, k, v = make_qkv(dict(batch=1, seqlen_q=9, seqlen_k=4, nheads=2, nheads_k=1, head_dim=16, seed=3), "float64")
+    q, k, v, _ = make_inputs(dict(batch=1, seqlen_q=9, seqlen_k=4, nheads=2, nheads_k=1, head_dim=16, seed=3), "float64")
     for fn in (attention_reference, lambda *a: flash_forward_model(*a, block_m=4, block_n=2)):
         o, lse = fn(q, k, v, None, True)
         assert (o[:, :5] == 0).all() and np.isneginf(lse[:, :, :5]).all()

@@ -1,35 +1,20 @@
 """CPU: the backward reference against finite differences, and the NumPy model of the tiled
 backward against the float64 reference (exact in float64, the 2x rule in float16 / bfloat16)."""
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from accuracy import assert_2x, assert_matches_finite_differences, max_abs_err
 from cuflash import reference
 from cuflash.reference import attention_reference, attention_reference_backward, flash_backward_model, from_float32
+from helpers import assert_2x, assert_matches_finite_differences, make_inputs, max_abs_err, model_problems
 
 # Smaller than the forward's sizes: the model loops over every (batch, head, tile) pair in Python.
 AWKWARD = [1, 2, 7, 16, 17, 31, 64, 65, 97, 113]
 
 
-@st.composite
-def problems(draw, max_seqlen=130, head_dims=range(8, 257, 8)):
-    seqlen = st.one_of(st.sampled_from([n for n in AWKWARD if n <= max_seqlen]), st.integers(1, max_seqlen))
-    nheads_k = draw(st.integers(1, 2))
-    return dict(
-        batch=draw(st.integers(1, 2)), seqlen_q=draw(seqlen), seqlen_k=draw(seqlen),
-        nheads_k=nheads_k, nheads=nheads_k * draw(st.sampled_from([1, 2, 3, 4, 8])),
-        head_dim=draw(st.sampled_from(head_dims)), causal=draw(st.booleans()),
-        block_m=draw(st.sampled_from([16, 32, 64, 128])), block_n=draw(st.sampled_from([16, 32, 64, 128])),
-        softmax_scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))), seed=draw(st.integers(0, 2**31)))
-
-
-def make_inputs(p, dtype):
-    """q, k, v, dout in dtype (standard normal values rounded to it)."""
-    rng = np.random.default_rng(p["seed"])
-    q_shape = (p["batch"], p["seqlen_q"], p["nheads"], p["head_dim"])
-    kv_shape = (p["batch"], p["seqlen_k"], p["nheads_k"], p["head_dim"])
-    return [from_float32(rng.standard_normal(s).astype(np.float32), dtype) for s in (q_shape, kv_shape, kv_shape, q_shape)]
+problems = functools.partial(model_problems, AWKWARD, max_seqlen=130)
 
 
 @settings(max_examples=40, deadline=None)

@@ -12,19 +12,13 @@ from hypothesis import given, strategies as st
 
 import cuflash
 from cuflash import interop, validate
-
-
-def info(shape, dtype="float16", strides=None, device=0, framework="cupy", data_ptr=1 << 20):
-    """A CuPy-like description; the default is contiguous and 16-byte aligned."""
-    shape = tuple(shape)
-    return interop.ArrayInfo(framework, shape, interop._c_strides(shape) if strides is None else tuple(strides),
-                             dtype, device, data_ptr)
+from helpers import array_info
 
 
 def qkv(batch=2, seqlen_q=113, seqlen_k=203, nheads=4, nheads_k=2, head_dim=64, **kw):
-    return (info((batch, seqlen_q, nheads, head_dim), **kw),
-            info((batch, seqlen_k, nheads_k, head_dim), **kw),
-            info((batch, seqlen_k, nheads_k, head_dim), **kw))
+    return (array_info((batch, seqlen_q, nheads, head_dim), **kw),
+            array_info((batch, seqlen_k, nheads_k, head_dim), **kw),
+            array_info((batch, seqlen_k, nheads_k, head_dim), **kw))
 
 
 def replace(x, **changes):
@@ -43,9 +37,9 @@ def test_valid_qkv_passes():
 
 
 BAD_QKV = {
-    "q rank 3": ((info((2, 113, 64)), K, V), ValueError, r"\bq\b.*rank 4"),
-    "k rank 5": ((Q, info((2, 203, 2, 1, 64)), V), ValueError, r"\bk\b.*rank 4"),
-    "v rank 0": ((Q, K, info(())), ValueError, r"\bv\b.*rank 4"),
+    "q rank 3": ((array_info((2, 113, 64)), K, V), ValueError, r"\bq\b.*rank 4"),
+    "k rank 5": ((Q, array_info((2, 203, 2, 1, 64)), V), ValueError, r"\bk\b.*rank 4"),
+    "v rank 0": ((Q, K, array_info(())), ValueError, r"\bv\b.*rank 4"),
     "q float32": ((replace(Q, dtype="float32"), K, V), TypeError, r"\bq\b.*float16 or bfloat16"),
     "v float32": ((Q, K, replace(V, dtype="float32")), TypeError, r"\bv\b.*float16 or bfloat16"),
     "k dtype differs": ((Q, replace(K, dtype="bfloat16"), V), TypeError, r"\bk\b.*q's dtype"),
@@ -54,7 +48,7 @@ BAD_QKV = {
     "v device differs": ((Q, K, replace(V, device=1)), ValueError, r"\bv\b.*device"),
     "k framework differs": ((Q, replace(K, framework="torch"), V), TypeError, r"\bk\b.*framework"),
     "v framework differs": ((Q, K, replace(V, framework="jax")), TypeError, r"\bv\b.*framework"),
-    "k, v shapes differ": ((Q, K, info((2, 202, 2, 64))), ValueError, r"\bk\b and \bv\b.*same shape"),
+    "k, v shapes differ": ((Q, K, array_info((2, 202, 2, 64))), ValueError, r"\bk\b and \bv\b.*same shape"),
     "batch differs": (qkv()[:1] + qkv(batch=3)[1:], ValueError, r"\bk\b and \bv\b.*batch"),
     "head dim differs": (qkv()[:1] + qkv(head_dim=32)[1:], ValueError, r"\bk\b and \bv\b.*head dim"),
     "nheads 6 vs 4": (qkv(nheads=6, nheads_k=4), ValueError, r"nheads"),
@@ -79,7 +73,7 @@ def test_bad_qkv(case):
 
 
 def test_last_dim_of_one_may_have_any_stride():
-    validate.check_last_dim_contiguous("q", info((2, 3, 4, 1), strides=(12, 4, 1, 7)))
+    validate.check_last_dim_contiguous("q", array_info((2, 3, 4, 1), strides=(12, 4, 1, 7)))
 
 
 @given(head_dim=st.integers(0, 300), nheads=st.integers(1, 12), nheads_k=st.integers(1, 12),
@@ -96,7 +90,7 @@ def test_qkv_accepted_exactly_when_supported(head_dim, nheads, nheads_k, dtype):
 
 
 BAD_OUT = {
-    "shape": (info((2, 113, 4, 32)), ValueError, r"\bout\b.*q's shape"),
+    "shape": (array_info((2, 113, 4, 32)), ValueError, r"\bout\b.*q's shape"),
     "dtype": (replace(Q, dtype="bfloat16"), TypeError, r"\bout\b.*q's dtype"),
     "device": (replace(Q, device=1), ValueError, r"\bout\b.*device"),
     "framework": (replace(Q, framework="torch"), TypeError, r"\bout\b.*framework"),
@@ -132,7 +126,7 @@ def test_bad_out(case):
     ((1, 1, 1, 8), (12, 4, 4, 1), 0, True),            # same strides, all dims of size 1
 ])
 def test_is_aligned(shape, strides, data_ptr, aligned):
-    assert validate.is_aligned(info(shape, strides=strides, data_ptr=data_ptr)) is aligned
+    assert validate.is_aligned(array_info(shape, strides=strides, data_ptr=data_ptr)) is aligned
 
 
 @pytest.mark.parametrize("value, head_dim, expected", [
@@ -195,7 +189,7 @@ def test_forward_refuses_numpy_before_anything_else(monkeypatch):
         raise AssertionError("forward went past validation with a host array")
 
     monkeypatch.setattr(interop, "caller_stream", touched)
-    monkeypatch.setattr(cuflash.api, "launch_forward", touched)
+    monkeypatch.setattr(cuflash.ops, "launch_forward", touched)
     with pytest.raises(TypeError, match=r"\bq\b.*host"):
         cuflash.forward(*_numpy_qkv())
     with pytest.raises(TypeError, match=r"\bq\b.*host"):
