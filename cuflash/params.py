@@ -71,7 +71,8 @@ class Layout:
         lines = []
         for path, kind, offset in zip(self.paths, self.kinds, self.offsets):
             member = f"static_cast<{self.c_name}*>(nullptr)->{path}"
-            lines.append(f"static_assert(__builtin_offsetof({self.c_name}, {path}) == {offset} && "
+            # __INTADDR__: EDG's constant address, where NVRTC 13.0 has no __builtin_offsetof.
+            lines.append(f"static_assert(__INTADDR__(&(({self.c_name}*)0)->{path}) == {offset} && "
                          f"FieldKind<decltype({member})>::value == '{kind}', "
                          f"\"{self.c_name}.{path}: cuflash/params.py expects a {_KINDS[kind][2]} at byte {offset}\");")
         lines.append(f"static_assert(sizeof({self.c_name}) == {self.size}, "
