@@ -93,8 +93,7 @@ __device__ __forceinline__ int lane_col() { return threadIdx.x % kLanesPerRow * 
 
 // D = rowsum(dO * O) * d_scale; lse2 = lse * log2(e) (+inf where lse = -inf, so that P = 0
 // there).
-extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_preprocess(const __grid_constant__ BwdParams params) {
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_preprocess(const __grid_constant__ BwdParams params) {
     const int c = lane_col();
     float acc[kPasses];
 #pragma unroll
@@ -104,8 +103,8 @@ flash_bwd_preprocess(const __grid_constant__ BwdParams params) {
         if (row_id >= params.rows_total || c >= params.head_dim) continue;
         const int bh = row_id / params.seqlen_q, r = row_id % params.seqlen_q;
         const int batch = bh / params.num_heads, head = bh % params.num_heads;
-        const uint4 ov = *reinterpret_cast<const uint4*>(params.o + batch * params.o_batch_stride + r * params.o_row_stride +
-                                                         head * params.o_head_stride + c);
+        const uint4 ov =
+            *reinterpret_cast<const uint4*>(params.o + batch * params.o_batch_stride + r * params.o_row_stride + head * params.o_head_stride + c);
         const uint4 dv = *reinterpret_cast<const uint4*>(params.dout + batch * params.do_batch_stride + r * params.do_row_stride +
                                                          head * params.do_head_stride + c);
         const elem_t* oe = reinterpret_cast<const elem_t*>(&ov);
@@ -155,8 +154,7 @@ __device__ __forceinline__ void store_dq_chunk(const BwdParams& params, int t, i
 
 // The accumulator's tiles that the dK/dV kernel's converter CTAs left (dq_converted[t] == 0), one
 // per block at a time; each thread has all its loads of a tile in flight before its first store.
-extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_convert_dq_tiles(const __grid_constant__ BwdParams params) {
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_convert_dq_tiles(const __grid_constant__ BwdParams params) {
     constexpr int kPerThread = DqTile::kFloats / 8 / 128;
     const int m_blocks = DqTile::m_blocks(params.seqlen_q);
     for (int t = blockIdx.x; t < params.num_dq_tiles; t += gridDim.x) {
@@ -171,8 +169,7 @@ flash_bwd_convert_dq_tiles(const __grid_constant__ BwdParams params) {
 }
 #else
 // dQ = ds_scale * accumulator, in the input type and the caller's strides.
-extern "C" __global__ void __launch_bounds__(128)
-flash_bwd_convert_dq(const __grid_constant__ BwdParams params) {
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_convert_dq(const __grid_constant__ BwdParams params) {
     const int c = lane_col();
     if (c >= params.head_dim) return;
 #pragma unroll

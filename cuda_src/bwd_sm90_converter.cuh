@@ -75,4 +75,3 @@ __device__ __forceinline__ void convert_dq_of_done_heads(const BwdParams& params
         }
     }
 }
-

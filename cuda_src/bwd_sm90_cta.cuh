@@ -68,7 +68,10 @@ constexpr bool kSoloDq = DqTile::kWarpgroups < kConsumers;
 //   kPReady          kSplitD: warpgroup 0's P^T is in sPx
 enum NamedBarrier : int { kConsumersSync = 1, kDqStored = 2, kDqFree = 3, kDsFull = 4, kDsFree = 6, kPReady = 8 };
 constexpr int kDqBarrierThreads = DqTile::kWarpgroups * 128 + 32;
-template <bool B> struct Flag { static constexpr bool value = B; };
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
 constexpr int kInStep = IS_CAUSAL ? 1 : 2;  // CTAs that walk their Q tiles in step (KvBlockWork's pair)
 static_assert(kSplitD ? BLOCK_M == 32 && kWgCols % 64 == 0 : BLOCK_N == 128 && BLOCK_M % 64 == 0 && kDqN % 64 == 0,
               "two consumer warpgroups of 64 keys and dQ blocks of whole 64-row, 64-column panels, or of 64-column panels "
@@ -98,8 +101,7 @@ struct SharedStorage {
     __device__ __forceinline__ float* dq() { return floats + kPxFloats; }             // a DqTile
     __device__ __forceinline__ float* stats() { return dq() + DqTile::kFloats; }      // kStages x (lse2, D) x Br
 };
-static_assert(sizeof(SharedStorage) + kSmemAlignSlack == SMEM_BYTES,
-              "cuflash/plan.py backward_smem_bytes disagrees with SharedStorage");
+static_assert(sizeof(SharedStorage) + kSmemAlignSlack == SMEM_BYTES, "cuflash/plan.py backward_smem_bytes disagrees with SharedStorage");
 
 // One warp's rows r0 .. r0 + 15 of a block of the dQ tile as computed (dQ^T with
 // DqTile::kTransposed), columns c0 .., into the shared tile sdq, two floats per store.
@@ -127,12 +129,26 @@ struct DkDvCta {
     int batch, head_k, n0, n_iters, diag, kv_head;
 
     __device__ __forceinline__ explicit DkDvCta(const BwdParams& p, SharedStorage& smem = shared_storage<SharedStorage>())
-        : params(p), sK(smem.k()), sV(smem.v()), sQ(smem.q_ring()), sdO(smem.do_ring()), sdSt(smem.dst()), sP(smem.p()),
-          sPx(smem.px()), sdQ(smem.dq()), sStats(smem.stats()), bar_kv(smem_u32(&smem.kv_full)),
-          bar_landed(smem_u32(&smem.dq_landed)), q_ring{smem_u32(smem.q_full), smem_u32(smem.q_empty)},
+        : params(p),
+          sK(smem.k()),
+          sV(smem.v()),
+          sQ(smem.q_ring()),
+          sdO(smem.do_ring()),
+          sdSt(smem.dst()),
+          sP(smem.p()),
+          sPx(smem.px()),
+          sdQ(smem.dq()),
+          sStats(smem.stats()),
+          bar_kv(smem_u32(&smem.kv_full)),
+          bar_landed(smem_u32(&smem.dq_landed)),
+          q_ring{smem_u32(smem.q_full), smem_u32(smem.q_empty)},
           stats_ring{smem_u32(smem.stats_full), smem_u32(smem.q_empty)},
           work(blockIdx.x, p.num_n_blocks, p.num_heads, p.num_heads_k, p.seqlen_q, p.seqlen_k, kBlockM, kBlockN, kInStep),
-          batch(work.batch), head_k(work.head_k), n0(work.n0), n_iters(work.n_iters), diag(p.seqlen_k - p.seqlen_q),
+          batch(work.batch),
+          head_k(work.head_k),
+          n0(work.n0),
+          n_iters(work.n_iters),
+          diag(p.seqlen_k - p.seqlen_q),
           kv_head(blockIdx.x / p.num_n_blocks) {
         if (threadIdx.x == 0) {
             ptx::mbar_init(bar_kv, 1);
@@ -154,8 +170,8 @@ struct DkDvCta {
         const float* stats;
     };
     __device__ __forceinline__ QTile q_tile(int i) const {
-        return QTile{work.head(i), work.m_block(i) * kBlockM, sQ + (i % kStages) * kBlockM * HEAD_DIM,
-                     sdO + (i % kStages) * kBlockM * HEAD_DIM, sStats + (i % kStages) * 2 * kBlockM};
+        return QTile{work.head(i), work.m_block(i) * kBlockM, sQ + (i % kStages) * kBlockM * HEAD_DIM, sdO + (i % kStages) * kBlockM * HEAD_DIM,
+                     sStats + (i % kStages) * 2 * kBlockM};
     }
 };
 
@@ -166,7 +182,9 @@ struct ConsumerThread {
     DkDvPartial<kConsumerThreads> partial;
 
     __device__ __forceinline__ explicit ConsumerThread(const BwdParams& params)
-        : tid(threadIdx.x - 128), wg(tid / 128), warp_key0((kSplitD ? tid / 32 % 4 : tid / 32) * 16),
+        : tid(threadIdx.x - 128),
+          wg(tid / 128),
+          warp_key0((kSplitD ? tid / 32 % 4 : tid / 32) * 16),
           partial{params.dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM, params.flush_every} {}
 };
 static_assert(kWgDT * 4 * kConsumerThreads == kBlockN * HEAD_DIM, "the consumers hold (Bc, d) once");
@@ -174,7 +192,7 @@ static_assert(kWgDT * 4 * kConsumerThreads == kBlockN * HEAD_DIM, "the consumers
 // dK = ds_scale * acc_dk, dV = rp_dropout * acc_dv (the warpgroup's keys and columns), staged
 // through sK and sV once no warpgroup reads them.
 __device__ __forceinline__ void store_dk_dv_of(const DkDvCta& cta, const ConsumerThread& me, float (&acc_dk)[1][kWgDT][4],
-                                            float (&acc_dv)[1][kWgDT][4]) {
+                                               float (&acc_dv)[1][kWgDT][4]) {
     const BwdParams& params = cta.params;
 #pragma unroll
     for (int dt = 0; dt < kWgDT; ++dt)
@@ -189,8 +207,10 @@ __device__ __forceinline__ void store_dk_dv_of(const DkDvCta& cta, const Consume
     stmatrix_acc_swizzled<kBlockN>(cta.sK + panel0 * kBlockN * 64, acc_dk, me.warp_key0);
     stmatrix_acc_swizzled<kBlockN>(cta.sV + panel0 * kBlockN * 64, acc_dv, me.warp_key0);
     ptx::named_barrier(kConsumersSync, kConsumerThreads);
-    store_tile_swizzled<kBlockN, kConsumerThreads>(params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride,
-                                                   cta.sK, params.dk_row_stride, params.seqlen_k - n0, params.head_dim, me.tid);
-    store_tile_swizzled<kBlockN, kConsumerThreads>(params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride,
-                                                   cta.sV, params.dv_row_stride, params.seqlen_k - n0, params.head_dim, me.tid);
+    store_tile_swizzled<kBlockN, kConsumerThreads>(
+        params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride, cta.sK, params.dk_row_stride,
+        params.seqlen_k - n0, params.head_dim, me.tid);
+    store_tile_swizzled<kBlockN, kConsumerThreads>(
+        params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride, cta.sV, params.dv_row_stride,
+        params.seqlen_k - n0, params.head_dim, me.tid);
 }

@@ -54,8 +54,8 @@ __device__ __forceinline__ void produce(const DkDvCta& cta, const TmaMaps& maps)
             ptx::named_barrier(kDqStored, kDqBarrierThreads);
             if (lane == 0) {
                 const int m0 = work.m_block(i) * kBlockM, head = work.head(i);
-                ptx::bulk_reduce_add_f32(params.dq_accum + dq_accum_offset(batch * params.num_heads + head, m0, 0, params.seqlen_q, params.head_dim), sdQ,
-                                         DqTile::kFloats * 4);
+                ptx::bulk_reduce_add_f32(params.dq_accum + dq_accum_offset(batch * params.num_heads + head, m0, 0, params.seqlen_q, params.head_dim),
+                                         sdQ, DqTile::kFloats * 4);
                 ptx::bulk_commit();
                 ptx::bulk_wait_read<0>();
             }

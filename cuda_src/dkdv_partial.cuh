@@ -38,7 +38,7 @@ struct DkDvPartial {
         add_back(acc_dv, slice + M * N * 4 * kThreads + tid);
     }
 
-  private:
+private:
     template <int M, int N>
     __device__ __forceinline__ static void move(float (&acc)[M][N][4], float* at, bool first) {
 #pragma unroll

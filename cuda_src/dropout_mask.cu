@@ -14,8 +14,7 @@ struct MaskParams {
     dropout::Rng rng;
 };
 
-extern "C" __global__ void __launch_bounds__(256)
-dropout_mask(const __grid_constant__ MaskParams params) {
+extern "C" __global__ void __launch_bounds__(256) dropout_mask(const __grid_constant__ MaskParams params) {
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= params.calls) return;
     const int groups = (params.seqlen_k + 3) / 4;

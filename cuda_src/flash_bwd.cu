@@ -35,8 +35,8 @@ constexpr int kThreads = NWARPS * 32;
 constexpr int kPitchP = BLOCK_M + 8;  // rows of the P^T and dS^T tiles: Br query columns, padded
 // Shared memory of flash_bwd_dkdv (cuflash/plan.py backward_smem_bytes): K, V, Q and dO twice, P^T,
 // dS^T, and lse2 and D twice; the layout is written out at the top of the kernel.
-static_assert((2 * kBlockN + 4 * kBlockM) * kPitch * sizeof(elem_t) + 2 * kBlockN * kPitchP * sizeof(elem_t) +
-                  4 * kBlockM * sizeof(float) == SMEM_BYTES,
+static_assert((2 * kBlockN + 4 * kBlockM) * kPitch * sizeof(elem_t) + 2 * kBlockN * kPitchP * sizeof(elem_t) + 4 * kBlockM * sizeof(float) ==
+                  SMEM_BYTES,
               "cuflash/plan.py backward_smem_bytes disagrees with flash_bwd_dkdv's layout");
 
 // Warp grids over each GEMM's output: WM warps along its rows, NWARPS / WM along its columns.
@@ -63,8 +63,7 @@ __device__ __forceinline__ void load_row_stats_async(float* s, const float* g, i
     }
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads)
-flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
+extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sK = reinterpret_cast<elem_t*>(smem);  // (Bc, d), later the staging tile of dK
     elem_t* sV = sK + kBlockN * kPitch;             // (Bc, d), later the staging tile of dV
@@ -103,8 +102,7 @@ flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
     zero(acc_dk);
     zero(acc_dv);
     static_assert(GridKV::kMT * GridKV::kNT * 4 * kThreads == kBlockN * HEAD_DIM, "the warps hold (Bc, d) once");
-    const DkDvPartial<kThreads> partial{params.dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM,
-                                        params.flush_every};
+    const DkDvPartial<kThreads> partial{params.dkdv_partial + static_cast<int64>(blockIdx.x) * 2 * kBlockN * HEAD_DIM, params.flush_every};
 
     for (int it = 0; it < n_iters; ++it) {
         const int stage = it % 2;
@@ -130,8 +128,8 @@ flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
             zero(acc_dp);
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
             softmax_backward(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, params.seqlen_k, diag,
-                             tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag),
-                             params.drop.rng, batch * params.num_heads + head, params.scale_log2);
+                             tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), params.drop.rng, batch * params.num_heads + head,
+                             params.scale_log2);
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
             store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
         }
@@ -158,7 +156,8 @@ flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
                     for (int hh = 0; hh < 2; ++hh) {
                         const int row = r0 + acc_row(mt, 2 * hh), col = c0 + acc_col(nt, 0);
                         if (m0 + row < params.seqlen_q && col < params.head_dim)
-                            ptx::red_add_f32x2(gdq + static_cast<int64>(row) * params.head_dim + col, acc_dq[mt][nt][2 * hh], acc_dq[mt][nt][2 * hh + 1]);
+                            ptx::red_add_f32x2(gdq + static_cast<int64>(row) * params.head_dim + col, acc_dq[mt][nt][2 * hh],
+                                               acc_dq[mt][nt][2 * hh + 1]);
                     }
         }
         partial.after_tile(it, acc_dk, acc_dv, threadIdx.x);
@@ -175,10 +174,10 @@ flash_bwd_dkdv(const __grid_constant__ BwdParams params) {
         store_acc(sV + r0 * kPitch + c0, kPitch, acc_dv, params.drop.rp_dropout);
     }
     __syncthreads();
-    store_tile<kBlockN, kThreads>(params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride,
-                                  sK, params.dk_row_stride, params.seqlen_k - n0, params.head_dim);
-    store_tile<kBlockN, kThreads>(params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride,
-                                  sV, params.dv_row_stride, params.seqlen_k - n0, params.head_dim);
+    store_tile<kBlockN, kThreads>(params.dk + batch * params.dk_batch_stride + head_k * params.dk_head_stride + n0 * params.dk_row_stride, sK,
+                                  params.dk_row_stride, params.seqlen_k - n0, params.head_dim);
+    store_tile<kBlockN, kThreads>(params.dv + batch * params.dv_batch_stride + head_k * params.dv_head_stride + n0 * params.dv_row_stride, sV,
+                                  params.dv_row_stride, params.seqlen_k - n0, params.head_dim);
 }
 
 // ---- deterministic dQ: each warp owns 16 query rows, K/V tiles of DQ_BLOCK_N keys stream through
@@ -191,8 +190,7 @@ constexpr int kDT = HEAD_DIM / 8;
 static_assert((2 * kBlockM + 4 * kDqBlockN) * kPitch * sizeof(elem_t) == DQ_SMEM_BYTES,
               "cuflash/plan.py backward_dq_smem_bytes disagrees with flash_bwd_dq's layout");
 
-extern "C" __global__ void __launch_bounds__(kDqThreads)
-flash_bwd_dq(const __grid_constant__ BwdParams params) {
+extern "C" __global__ void __launch_bounds__(kDqThreads) flash_bwd_dq(const __grid_constant__ BwdParams params) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem);  // (Br, d), later the staging tile of dQ
     elem_t* sdO = sQ + kBlockM * kPitch;            // (Br, d)
@@ -235,8 +233,8 @@ flash_bwd_dq(const __grid_constant__ BwdParams params) {
         ptx::cp_async_wait<0>();
         __syncthreads();
         if (n_block + 1 < n_block_max)
-            load_kv_tile<kDqBlockN, kDqThreads>(sK + (stage ^ 1) * kDqBlockN * kPitch, sV + (stage ^ 1) * kDqBlockN * kPitch,
-                                                gK, gV, params.k_row_stride, params.v_row_stride, n0 + kDqBlockN, params.seqlen_k, params.head_dim);
+            load_kv_tile<kDqBlockN, kDqThreads>(sK + (stage ^ 1) * kDqBlockN * kPitch, sV + (stage ^ 1) * kDqBlockN * kPitch, gK, gV,
+                                                params.k_row_stride, params.v_row_stride, n0 + kDqBlockN, params.seqlen_k, params.head_dim);
         ptx::cp_async_commit();
         const elem_t* sKj = sK + stage * kDqBlockN * kPitch;
         const elem_t* sVj = sV + stage * kDqBlockN * kPitch;
@@ -274,6 +272,6 @@ flash_bwd_dq(const __grid_constant__ BwdParams params) {
     __syncthreads();
     store_acc(sQ + warp_row0 * kPitch, kPitch, acc_dq, params.ds_scale);
     __syncthreads();
-    store_tile<kBlockM, kDqThreads>(params.dq + batch * params.dq_batch_stride + head * params.dq_head_stride + m0 * params.dq_row_stride,
-                                    sQ, params.dq_row_stride, params.seqlen_q - m0, params.head_dim);
+    store_tile<kBlockM, kDqThreads>(params.dq + batch * params.dq_batch_stride + head * params.dq_head_stride + m0 * params.dq_row_stride, sQ,
+                                    params.dq_row_stride, params.seqlen_q - m0, params.head_dim);
 }

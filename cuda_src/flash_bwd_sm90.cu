@@ -147,7 +147,7 @@ __device__ __forceinline__ void consume(const DkDvCta& cta) {
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
+    flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
     const int num_dkdv_ctas = gridDim.x - params.num_converters;
     if (blockIdx.x >= num_dkdv_ctas) {
         convert_dq_of_done_heads(params, blockIdx.x - num_dkdv_ctas);

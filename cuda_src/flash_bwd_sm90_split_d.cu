@@ -58,8 +58,8 @@ __device__ __forceinline__ void consume_split_d(const DkDvCta& cta) {
         fence_regs(acc_x);
         float signed_p[1][kBlockM / 8][4];
         if (wg == 0) {
-            probs(acc_x, signed_p, stats, warp_key0, 0, m0, n0, params.seqlen_k, diag, tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag),
-                  rng, batch * params.num_heads + head, params.scale_log2);
+            probs(acc_x, signed_p, stats, warp_key0, 0, m0, n0, params.seqlen_k, diag, tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), rng,
+                  batch * params.num_heads + head, params.scale_log2);
 #pragma unroll
             for (int nt = 0; nt < kBlockM / 8; ++nt)
                 px[nt * 128] = make_float4(signed_p[0][nt][0], signed_p[0][nt][1], signed_p[0][nt][2], signed_p[0][nt][3]);
@@ -111,7 +111,7 @@ __device__ __forceinline__ void consume_split_d(const DkDvCta& cta) {
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
+    flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
     const int num_dkdv_ctas = gridDim.x - params.num_converters;
     if (blockIdx.x >= num_dkdv_ctas) {
         convert_dq_of_done_heads(params, blockIdx.x - num_dkdv_ctas);

@@ -25,9 +25,7 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 
 // Masking, with diag = seqlen_k - seqlen_q: query row i sees key j iff j < seqlen_k and, under
 // causal (aligned bottom-right), j <= i + diag. cuflash/reference.py mirrors these three.
-__device__ __forceinline__ bool visible(int row, int col, int seqlen_k, int diag) {
-    return col < seqlen_k && (!IS_CAUSAL || col <= row + diag);
-}
+__device__ __forceinline__ bool visible(int row, int col, int seqlen_k, int diag) { return col < seqlen_k && (!IS_CAUSAL || col <= row + diag); }
 
 // Number of K/V tiles of block_n keys that the query rows [m0, m0 + rows) visit.
 __device__ __forceinline__ int kv_blocks_visited(int m0, int rows, int block_n, int seqlen_k, int diag) {
@@ -50,8 +48,7 @@ __device__ __forceinline__ bool tile_needs_mask(int m0, int n0, int block_n, int
 // Where the threads divide a row's chunks evenly, each thread owns one 16-byte column chunk and
 // walks rows with a running pointer: one 64-bit add per copy, no per-copy offsets in registers.
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, int64 row_stride,
-                                                int rows_valid, int head_dim) {
+__device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, int64 row_stride, int rows_valid, int head_dim) {
     if constexpr (NTHREADS % kChunksPerRow == 0) {
         constexpr int kRowStep = NTHREADS / kChunksPerRow;
         const int c = threadIdx.x % kChunksPerRow, r0 = threadIdx.x / kChunksPerRow;
@@ -79,8 +76,7 @@ __device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, int6
 // Copy the first rows_valid rows and head_dim columns of a pitched shared tile to global memory
 // with 16-byte stores.
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void store_tile(elem_t* g, const elem_t* s, int64 row_stride,
-                                           int rows_valid, int head_dim) {
+__device__ __forceinline__ void store_tile(elem_t* g, const elem_t* s, int64 row_stride, int rows_valid, int head_dim) {
     constexpr int kChunks = ROWS * kChunksPerRow;
 #pragma unroll
     for (int i = threadIdx.x; i < kChunks; i += NTHREADS) {
@@ -92,8 +88,8 @@ __device__ __forceinline__ void store_tile(elem_t* g, const elem_t* s, int64 row
 
 // K and V rows n0 .. n0 + ROWS of one (batch, kv head), each into its shared tile.
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void load_kv_tile(elem_t* sK, elem_t* sV, const elem_t* gK, const elem_t* gV,
-                                             int64 k_row_stride, int64 v_row_stride, int n0, int seqlen_k, int head_dim) {
+__device__ __forceinline__ void load_kv_tile(elem_t* sK, elem_t* sV, const elem_t* gK, const elem_t* gV, int64 k_row_stride, int64 v_row_stride,
+                                             int n0, int seqlen_k, int head_dim) {
     load_tile_async<ROWS, NTHREADS>(sK, gK + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
     load_tile_async<ROWS, NTHREADS>(sV, gV + n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);
 }

@@ -26,8 +26,7 @@ static_assert(BLOCK_N % 16 == 0, "P V consumes keys 16 at a time");
 static_assert((kBlockM + 2 * kStages * kBlockN) * kPitch * sizeof(elem_t) == SMEM_BYTES,
               "cuflash/plan.py forward_smem_bytes disagrees with flash_fwd's layout");
 
-extern "C" __global__ void __launch_bounds__(kThreads)
-flash_fwd(const __grid_constant__ FwdParams params) {
+extern "C" __global__ void __launch_bounds__(kThreads) flash_fwd(const __grid_constant__ FwdParams params) {
     extern __shared__ __align__(16) unsigned char smem[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem);      // (Br, d), later the staging tile of O
     elem_t* sK = sQ + kBlockM * kPitch;                 // kStages x (Bc, d)
@@ -60,7 +59,10 @@ flash_fwd(const __grid_constant__ FwdParams params) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) { m_i[mt][hh] = neg_inf(); l_i[mt][hh] = 0.f; }
+        for (int hh = 0; hh < 2; ++hh) {
+            m_i[mt][hh] = neg_inf();
+            l_i[mt][hh] = 0.f;
+        }
     }
 
     // Prologue: Q and the first kStages - 1 K/V tiles, one cp.async group per tile (maybe empty).
@@ -68,8 +70,9 @@ flash_fwd(const __grid_constant__ FwdParams params) {
 #pragma unroll
     for (int stage = 0; stage < kStages - 1; ++stage) {
         const int n0 = (n_block_max - 1 - stage) * kBlockN;
-        if (n0 >= 0) load_kv_tile<kBlockN, kThreads>(sK + stage * kBlockN * kPitch, sV + stage * kBlockN * kPitch, gK, gV,
-                                  params.k_row_stride, params.v_row_stride, n0, params.seqlen_k, params.head_dim);
+        if (n0 >= 0)
+            load_kv_tile<kBlockN, kThreads>(sK + stage * kBlockN * kPitch, sV + stage * kBlockN * kPitch, gK, gV, params.k_row_stride,
+                                            params.v_row_stride, n0, params.seqlen_k, params.head_dim);
         ptx::cp_async_commit();
     }
 
@@ -81,8 +84,9 @@ flash_fwd(const __grid_constant__ FwdParams params) {
         {
             const int n_next = n0 - (kStages - 1) * kBlockN;
             const int stage_next = (it + kStages - 1) % kStages;
-            if (n_next >= 0) load_kv_tile<kBlockN, kThreads>(sK + stage_next * kBlockN * kPitch, sV + stage_next * kBlockN * kPitch, gK, gV,
-                                          params.k_row_stride, params.v_row_stride, n_next, params.seqlen_k, params.head_dim);
+            if (n_next >= 0)
+                load_kv_tile<kBlockN, kThreads>(sK + stage_next * kBlockN * kPitch, sV + stage_next * kBlockN * kPitch, gK, gV, params.k_row_stride,
+                                                params.v_row_stride, n_next, params.seqlen_k, params.head_dim);
             ptx::cp_async_commit();
         }
         const elem_t* sKj = sK + (it % kStages) * kBlockN * kPitch;
@@ -113,6 +117,6 @@ flash_fwd(const __grid_constant__ FwdParams params) {
     __syncwarp();
     store_acc(sQ + warp_row0 * kPitch, kPitch, acc_o, 1.f);
     __syncthreads();
-    store_tile<kBlockM, kThreads>(params.o + batch * params.o_batch_stride + head * params.o_head_stride + m0 * params.o_row_stride,
-                                  sQ, params.o_row_stride, params.seqlen_q - m0, params.head_dim);
+    store_tile<kBlockM, kThreads>(params.o + batch * params.o_batch_stride + head * params.o_head_stride + m0 * params.o_row_stride, sQ,
+                                  params.o_row_stride, params.seqlen_q - m0, params.head_dim);
 }

@@ -49,7 +49,8 @@ constexpr int kDT = HEAD_DIM / 8;
 constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = (kLaunchRegs * kThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8 < 240
-                                  ? (kLaunchRegs * kThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8 : 240;
+                                  ? (kLaunchRegs * kThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8
+                                  : 240;
 static_assert(BLOCK_M % 64 == 0, "whole warpgroups of 64 rows");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma n is a multiple of 8 up to 256; P V takes keys 16 at a time");
 constexpr unsigned kQBytes = kBlockM * HEAD_DIM * 2, kKVBytes = kBlockN * HEAD_DIM * 2;
@@ -96,15 +97,14 @@ struct SharedStorage {
     __device__ __forceinline__ elem_t* v_ring() { return k_ring() + kStages * kBlockN * HEAD_DIM; }  // kStages x (Bc, d)
     __device__ __forceinline__ elem_t* o() { return v_ring() + kStages * kBlockN * HEAD_DIM; }    // (Br, d) if kStageO
 };
-static_assert(sizeof(SharedStorage) + kSmemAlignSlack == SMEM_BYTES,
-              "cuflash/plan.py forward_smem_bytes disagrees with SharedStorage");
+static_assert(sizeof(SharedStorage) + kSmemAlignSlack == SMEM_BYTES, "cuflash/plan.py forward_smem_bytes disagrees with SharedStorage");
 
 // Named barriers (bar.sync ids; 0 is __syncthreads'): kOStaged + wg, consumer warpgroup wg's
 // threads around their stores of O into its rows of the staged tile.
 enum NamedBarrier : int { kOStaged = 1 };
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-flash_fwd_sm90(const __grid_constant__ FwdParams params, const __grid_constant__ TmaMaps maps) {
+    flash_fwd_sm90(const __grid_constant__ FwdParams params, const __grid_constant__ TmaMaps maps) {
     SharedStorage& smem = shared_storage<SharedStorage>();
     elem_t* sQ = smem.q();
     elem_t* sK = smem.k_ring();
@@ -202,8 +202,10 @@ flash_fwd_sm90(const __grid_constant__ FwdParams params, const __grid_constant__
             // The waits for the tiles come before the wgmma_fence: ptxas injects a fence of its own
             // into a GEMM that a spin loop separates from the last one.
             auto issue_s = [&](int t) {      // S_t = Q K_t^T
-                if constexpr (kQInRegs) wg_gemm_rs_abt<kBlockN>(acc_s[0], q[0], sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
-                else wg_gemm_abt<kBlockN, kBlockM>(acc_s[0], sQ + wg_row0 * 64, sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
+                if constexpr (kQInRegs)
+                    wg_gemm_rs_abt<kBlockN>(acc_s[0], q[0], sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
+                else
+                    wg_gemm_abt<kBlockN, kBlockM>(acc_s[0], sQ + wg_row0 * 64, sK + ((r0 + t) % kStages) * kBlockN * HEAD_DIM);
                 ptx::wgmma_commit();
             };
             auto issue_pv = [&](int t) {     // O += P_t V_t

@@ -24,8 +24,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[MT][NT][4], int row0, int
 // m_new = max(m, rowmax(S) * scale_log2); S becomes P = exp2(S * scale_log2 - m_new);
 // l = l * alpha + rowsum(P), and alpha = exp2(m - m_new) is the factor O must be rescaled by.
 template <int MT, int NT>
-__device__ __forceinline__ void softmax_update(float (&s)[MT][NT][4], float (&m)[MT][2], float (&l)[MT][2],
-                                               float (&alpha)[MT][2], float scale_log2) {
+__device__ __forceinline__ void softmax_update(float (&s)[MT][NT][4], float (&m)[MT][2], float (&l)[MT][2], float (&alpha)[MT][2], float scale_log2) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -103,8 +102,8 @@ __device__ __forceinline__ void store_lse(const float (&m)[MT][2], const float (
 
 // O = O * out_scale / l; lse for rows in [0, seqlen_q).
 template <int MT, int DT>
-__device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2],
-                                               float out_scale, float* lse_bh, int row0, int seqlen_q) {
+__device__ __forceinline__ void normalize_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&l_part)[MT][2], float out_scale,
+                                               float* lse_bh, int row0, int seqlen_q) {
     float l[MT][2], inv_l[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

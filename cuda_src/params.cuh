@@ -13,7 +13,9 @@
 
 // A CUtensorMap: 128 opaque bytes that the launcher encodes (cuflash/tma.py); TMA copies a
 // (rows, 64) box of it into one panel of a swizzled tile.
-struct __align__(64) TmaDesc { unsigned long long bits[16]; };
+struct __align__(64) TmaDesc {
+    unsigned long long bits[16];
+};
 
 // The dropout state of a launch: the Philox key and counter word, the keep threshold (philox.cuh),
 // and 1 / (1 - p), which is 1 without dropout.
@@ -89,4 +91,7 @@ struct TmaMaps {
     TmaDesc q, k, v, o_or_do;
 };
 
-template <> struct FieldKind<TmaDesc> { static constexpr char value = 's'; };
+template <>
+struct FieldKind<TmaDesc> {
+    static constexpr char value = 's';
+};

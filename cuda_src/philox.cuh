@@ -17,11 +17,13 @@ struct Rng {
     unsigned seed_lo, seed_hi, offset, threshold;
 };
 
-__device__ __forceinline__ uint4 philox4x32_10(unsigned c0, unsigned c1, unsigned c2, unsigned c3,
-                                               unsigned k0, unsigned k1) {
+__device__ __forceinline__ uint4 philox4x32_10(unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned k0, unsigned k1) {
 #pragma unroll
     for (int round = 0; round < 10; ++round) {
-        if (round) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }  // Weyl key bumps between rounds
+        if (round) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }  // Weyl key bumps between rounds
         const unsigned long long p0 = static_cast<unsigned long long>(0xD2511F53u) * c0;
         const unsigned long long p1 = static_cast<unsigned long long>(0xCD9E8D57u) * c2;
         const unsigned n0 = static_cast<unsigned>(p1 >> 32) ^ c1 ^ k0;
@@ -35,13 +37,11 @@ __device__ __forceinline__ uint4 philox4x32_10(unsigned c0, unsigned c1, unsigne
 }
 
 __device__ __forceinline__ uint4 words(const Rng& rng, int bh, int row, int key_group) {
-    return philox4x32_10(static_cast<unsigned>(key_group), static_cast<unsigned>(row), static_cast<unsigned>(bh),
-                         rng.offset, rng.seed_lo, rng.seed_hi);
+    return philox4x32_10(static_cast<unsigned>(key_group), static_cast<unsigned>(row), static_cast<unsigned>(bh), rng.offset, rng.seed_lo,
+                         rng.seed_hi);
 }
 
-__device__ __forceinline__ unsigned word_at(const uint4& w, int i) {
-    return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
-}
+__device__ __forceinline__ unsigned word_at(const uint4& w, int i) { return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w; }
 
 // Bit e = keep of accumulator element e of an m16n8 tile whose rows are query rows row0.. and whose
 // columns are keys col0.. (col0 a multiple of 8): element e sits at row lane/4 + 8(e/2), key

@@ -11,9 +11,8 @@
 // query0 are the warp's first key and query within the tile at (n0, m0); lse2 is indexed by the
 // tile's query (row).
 template <bool MASK, int MT, int NT, typename F>
-__device__ __forceinline__ void for_each_prob(const float (&s)[MT][NT][4], const float* lse2, int key0, int query0, int m0,
-                                              int n0, int seqlen_k, int diag, const dropout::Rng& rng, int bh,
-                                              float scale_log2, F&& f) {
+__device__ __forceinline__ void for_each_prob(const float (&s)[MT][NT][4], const float* lse2, int key0, int query0, int m0, int n0, int seqlen_k,
+                                              int diag, const dropout::Rng& rng, int bh, float scale_log2, F&& f) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -32,15 +31,13 @@ __device__ __forceinline__ void for_each_prob(const float (&s)[MT][NT][4], const
 // P^T and dS^T = P^T * (dP^T - D). With dropout, s becomes P^T * Z^T (what dV reads) and dp
 // becomes P^T * (dP^T * Z^T - D'); dsum is indexed like lse2.
 template <bool MASK, int MT, int NT>
-__device__ __forceinline__ void softmax_backward_tile(float (&s)[MT][NT][4], float (&dp)[MT][NT][4], const float* lse2,
-                                                      const float* dsum, int key0, int query0, int m0, int n0,
-                                                      int seqlen_k, int diag, const dropout::Rng& rng, int bh,
+__device__ __forceinline__ void softmax_backward_tile(float (&s)[MT][NT][4], float (&dp)[MT][NT][4], const float* lse2, const float* dsum, int key0,
+                                                      int query0, int m0, int n0, int seqlen_k, int diag, const dropout::Rng& rng, int bh,
                                                       float scale_log2) {
-    for_each_prob<MASK>(s, lse2, key0, query0, m0, n0, seqlen_k, diag, rng, bh, scale_log2,
-                        [&](int mt, int nt, int e, int row, float p, bool kept) {
-                            s[mt][nt][e] = kept ? p : 0.f;
-                            dp[mt][nt][e] = p * ((kept ? dp[mt][nt][e] : 0.f) - dsum[row]);
-                        });
+    for_each_prob<MASK>(s, lse2, key0, query0, m0, n0, seqlen_k, diag, rng, bh, scale_log2, [&](int mt, int nt, int e, int row, float p, bool kept) {
+        s[mt][nt][e] = kept ? p : 0.f;
+        dp[mt][nt][e] = p * ((kept ? dp[mt][nt][e] : 0.f) - dsum[row]);
+    });
 }
 
 // The same step split between two warpgroups that hold S^T and dP^T of the same keys and queries
@@ -48,19 +45,16 @@ __device__ __forceinline__ void softmax_backward_tile(float (&s)[MT][NT][4], flo
 // dV reads) and writes signed_p, P^T with every dropped entry negated (-0 for a dropped 0), from
 // which the other warpgroup's dscores_tile turns dp into dS^T, as softmax_backward_tile does.
 template <bool MASK, int MT, int NT>
-__device__ __forceinline__ void probs_tile(float (&s)[MT][NT][4], float (&signed_p)[MT][NT][4], const float* lse2,
-                                           int key0, int query0, int m0, int n0, int seqlen_k, int diag,
-                                           const dropout::Rng& rng, int bh, float scale_log2) {
-    for_each_prob<MASK>(s, lse2, key0, query0, m0, n0, seqlen_k, diag, rng, bh, scale_log2,
-                        [&](int mt, int nt, int e, int, float p, bool kept) {
-                            s[mt][nt][e] = kept ? p : 0.f;
-                            signed_p[mt][nt][e] = kept ? p : -p;
-                        });
+__device__ __forceinline__ void probs_tile(float (&s)[MT][NT][4], float (&signed_p)[MT][NT][4], const float* lse2, int key0, int query0, int m0,
+                                           int n0, int seqlen_k, int diag, const dropout::Rng& rng, int bh, float scale_log2) {
+    for_each_prob<MASK>(s, lse2, key0, query0, m0, n0, seqlen_k, diag, rng, bh, scale_log2, [&](int mt, int nt, int e, int, float p, bool kept) {
+        s[mt][nt][e] = kept ? p : 0.f;
+        signed_p[mt][nt][e] = kept ? p : -p;
+    });
 }
 
 template <int MT, int NT>
-__device__ __forceinline__ void dscores_tile(float (&dp)[MT][NT][4], const float (&signed_p)[MT][NT][4], const float* dsum,
-                                             int query0) {
+__device__ __forceinline__ void dscores_tile(float (&dp)[MT][NT][4], const float (&signed_p)[MT][NT][4], const float* dsum, int query0) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -78,9 +72,9 @@ __device__ __forceinline__ void dscores_tile(float (&dp)[MT][NT][4], const float
 // others. (A run-time `need_mask` inside one copy kept the checks in every causal tile: +17-25%
 // causal backward once hoisted, bench/NOTES.md v2.6.)
 template <int MT, int NT>
-__device__ __forceinline__ void softmax_backward(float (&s)[MT][NT][4], float (&dp)[MT][NT][4], const float* lse2,
-                                                 const float* dsum, int key0, int query0, int m0, int n0, int seqlen_k,
-                                                 int diag, bool need_mask, const dropout::Rng& rng, int bh, float scale_log2) {
+__device__ __forceinline__ void softmax_backward(float (&s)[MT][NT][4], float (&dp)[MT][NT][4], const float* lse2, const float* dsum, int key0,
+                                                 int query0, int m0, int n0, int seqlen_k, int diag, bool need_mask, const dropout::Rng& rng, int bh,
+                                                 float scale_log2) {
     if (need_mask)
         softmax_backward_tile<true>(s, dp, lse2, dsum, key0, query0, m0, n0, seqlen_k, diag, rng, bh, scale_log2);
     else
@@ -89,9 +83,8 @@ __device__ __forceinline__ void softmax_backward(float (&s)[MT][NT][4], float (&
 
 // probs_tile, compiled twice likewise.
 template <int MT, int NT>
-__device__ __forceinline__ void probs(float (&s)[MT][NT][4], float (&signed_p)[MT][NT][4], const float* lse2, int key0,
-                                      int query0, int m0, int n0, int seqlen_k, int diag, bool need_mask,
-                                      const dropout::Rng& rng, int bh, float scale_log2) {
+__device__ __forceinline__ void probs(float (&s)[MT][NT][4], float (&signed_p)[MT][NT][4], const float* lse2, int key0, int query0, int m0, int n0,
+                                      int seqlen_k, int diag, bool need_mask, const dropout::Rng& rng, int bh, float scale_log2) {
     if (need_mask)
         probs_tile<true>(s, signed_p, lse2, key0, query0, m0, n0, seqlen_k, diag, rng, bh, scale_log2);
     else

@@ -92,8 +92,8 @@ __device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, cons
 struct KvBlockWork {
     int batch, head_k, n_block, n0, group, m_block_min, m_blocks, n_iters, rotation;
 
-    __device__ __forceinline__ KvBlockWork(int block, int num_n_blocks, int num_heads, int num_heads_k, int seqlen_q,
-                                           int seqlen_k, int block_m, int block_n, int pair = 1) {
+    __device__ __forceinline__ KvBlockWork(int block, int num_n_blocks, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int block_m,
+                                           int block_n, int pair = 1) {
         const int bhk = block / num_n_blocks;
         n_block = block % num_n_blocks;
         batch = bhk / num_heads_k;

@@ -90,8 +90,7 @@ __device__ __forceinline__ void stmatrix_acc_swizzled(elem_t* s, const float (&a
 // Round one warp's (16, HEAD_DIM) slice of an accumulator, rows row0.. of a tile at g, straight
 // to global memory, two elements per store; rows >= rows_valid and columns >= head_dim are skipped.
 template <int DT>
-__device__ __forceinline__ void store_acc_rows(elem_t* g, const float (&acc)[1][DT][4], int row0, int64 row_stride,
-                                               int rows_valid, int head_dim) {
+__device__ __forceinline__ void store_acc_rows(elem_t* g, const float (&acc)[1][DT][4], int row0, int64 row_stride, int rows_valid, int head_dim) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int r = row0 + acc_row(0, 2 * hh);
@@ -108,8 +107,7 @@ __device__ __forceinline__ void store_acc_rows(elem_t* g, const float (&acc)[1][
 // Copy the first rows_valid rows and head_dim columns of a swizzled tile to global memory, with
 // NTHREADS threads numbered by tid.
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void store_tile_swizzled(elem_t* g, const elem_t* s, int64 row_stride, int rows_valid,
-                                                    int head_dim, int tid) {
+__device__ __forceinline__ void store_tile_swizzled(elem_t* g, const elem_t* s, int64 row_stride, int rows_valid, int head_dim, int tid) {
 #pragma unroll
     for (int i = tid; i < ROWS * kChunksPerRow; i += NTHREADS) {
         const int r = i / kChunksPerRow, c = i % kChunksPerRow;
@@ -123,8 +121,7 @@ __device__ __forceinline__ void store_tile_swizzled(elem_t* g, const elem_t* s, 
 // byte offset: read only for N-major operands wider than one panel). Addresses are in 16 bytes.
 __device__ __forceinline__ desc_t smem_desc(const elem_t* p, unsigned lbo) {
     const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    return static_cast<desc_t>((addr & 0x3FFFF) >> 4) | static_cast<desc_t>(lbo >> 4) << 16 |
-           static_cast<desc_t>(1024 >> 4) << 32 | 1ull << 62;
+    return static_cast<desc_t>((addr & 0x3FFFF) >> 4) | static_cast<desc_t>(lbo >> 4) << 16 | static_cast<desc_t>(1024 >> 4) << 32 | 1ull << 62;
 }
 
 // acc (64 x N) = A B^T over k = HEAD_DIM, both K-major swizzled tiles (S = Q K^T): sA points at
@@ -136,8 +133,7 @@ __device__ __forceinline__ void wg_gemm_abt(float (&acc)[N / 8][4], const elem_t
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
         const int col = (kk % 4) * 16;
-        ptx::Wgmma<N>::template ss<0, 0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4),
-                                      b + (((kk / 4) * ROWS_B * 64 + col) * 2 >> 4), kk > 0);
+        ptx::Wgmma<N>::template ss<0, 0>(acc, a + (((kk / 4) * ROWS_A * 64 + col) * 2 >> 4), b + (((kk / 4) * ROWS_B * 64 + col) * 2 >> 4), kk > 0);
     }
 }
 
@@ -146,8 +142,7 @@ template <int N>
 __device__ __forceinline__ void wg_gemm_rs_abt(float (&acc)[N / 8][4], const unsigned (&a)[HEAD_DIM / 16][4], const elem_t* sB) {
     const desc_t b = smem_desc(sB, 16);
 #pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-        ptx::Wgmma<N>::template rs<0>(acc, a[kk], b + (((kk / 4) * N * 64 + (kk % 4) * 16) * 2 >> 4), kk > 0);
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) ptx::Wgmma<N>::template rs<0>(acc, a[kk], b + (((kk / 4) * N * 64 + (kk % 4) * 16) * 2 >> 4), kk > 0);
 }
 
 // acc (64 x HEAD_DIM) += A B over k = K: A in registers (a[kk], the mma A fragments of k
@@ -167,8 +162,7 @@ template <int N, int K, int ROWS_B, bool ACCUMULATE = false>
 __device__ __forceinline__ void wg_gemm_kk(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
     const desc_t a = smem_desc(sA, K * 128), b = smem_desc(sB, ROWS_B * 128);
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk)
-        ptx::Wgmma<N>::template ss<1, 1>(acc, a + (kk * 2048 >> 4), b + (kk * 2048 >> 4), ACCUMULATE || kk > 0);
+    for (int kk = 0; kk < K / 16; ++kk) ptx::Wgmma<N>::template ss<1, 1>(acc, a + (kk * 2048 >> 4), b + (kk * 2048 >> 4), ACCUMULATE || kk > 0);
 }
 
 // acc (64 x N) = A B over k = K <= 64 with A stored k-rows first and B n-rows first (dQ^T = K^T
@@ -178,8 +172,7 @@ template <int N, int K>
 __device__ __forceinline__ void wg_gemm_mk(float (&acc)[N / 8][4], const elem_t* sA, const elem_t* sB) {
     const desc_t a = smem_desc(sA, K * 128), b = smem_desc(sB, 16);
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk)
-        ptx::Wgmma<N>::template ss<1, 0>(acc, a + (kk * 2048 >> 4), b + (kk * 32 >> 4), kk > 0);
+    for (int kk = 0; kk < K / 16; ++kk) ptx::Wgmma<N>::template ss<1, 0>(acc, a + (kk * 2048 >> 4), b + (kk * 32 >> 4), kk > 0);
 }
 
 // Pin every register of an accumulator or fragment array (see ptx::fence_reg).
