@@ -72,7 +72,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __gr
     elem_t* sPt = sdO + 2 * kBlockM * kPitch;       // (Bc, Br): P^T
     elem_t* sdSt = sPt + kBlockN * kPitchP;         // (Bc, Br): dS^T
     float* sLse2 = reinterpret_cast<float*>(sdSt + kBlockN * kPitchP);  // 2 x Br
-    float* sD = sLse2 + 2 * kBlockM;                                      // 2 x Br
+    float* sDsum = sLse2 + 2 * kBlockM;                                      // 2 x Br
 
     const KvBlockWork work(blockIdx.x, params.num_n_blocks, params.num_heads, params.num_heads_k, params.seqlen_q, params.seqlen_k, kBlockM, kBlockN);
     const int batch = work.batch, head_k = work.head_k, n0 = work.n0, n_iters = work.n_iters;
@@ -91,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __gr
                                            params.dout + batch * params.do_batch_stride + head * params.do_head_stride + m0 * params.do_row_stride,
                                            params.do_row_stride, params.seqlen_q - m0, params.head_dim);
         load_row_stats_async(sLse2 + stage * kBlockM, params.lse2 + stats, params.seqlen_q - m0);
-        load_row_stats_async(sD + stage * kBlockM, params.dsum + stats, params.seqlen_q - m0);
+        load_row_stats_async(sDsum + stage * kBlockM, params.dsum + stats, params.seqlen_q - m0);
     };
 
     load_kv_tile<kBlockN, kThreads>(sK, sV, gK, gV, params.k_row_stride, params.v_row_stride, n0, params.seqlen_k, params.head_dim);
@@ -115,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __gr
         const elem_t* sQi = sQ + stage * kBlockM * kPitch;
         const elem_t* sdOi = sdO + stage * kBlockM * kPitch;
         const float* sLse2i = sLse2 + stage * kBlockM;
-        const float* sDi = sD + stage * kBlockM;
+        const float* sDsumi = sDsum + stage * kBlockM;
 
         {
             const int r0 = GridSdP::row0(), c0 = GridSdP::col0();
@@ -127,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __gr
             float acc_dp[GridSdP::kMT][GridSdP::kNT][4];
             zero(acc_dp);
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
-            softmax_backward(acc_s, acc_dp, sLse2i, sDi, r0, c0, m0, n0, params.seqlen_k, diag,
+            softmax_backward(acc_s, acc_dp, sLse2i, sDsumi, r0, c0, m0, n0, params.seqlen_k, diag,
                              tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), params.drop.rng, batch * params.num_heads + head,
                              params.scale_log2);
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
@@ -209,13 +209,13 @@ extern "C" __global__ void __launch_bounds__(kDqThreads) flash_bwd_dq(const __gr
     const int n_block_max = kv_blocks_visited(m0, kBlockM, kDqBlockN, params.seqlen_k, diag);
 
     // params.lse2 and D of this thread's two rows
-    float row_lse2[2], row_d[2];
+    float row_lse2[2], row_dsum[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int r = m0 + warp_row0 + acc_row(0, 2 * hh);
         const int64 i = static_cast<int64>(bh) * params.seqlen_q_pad + r;
         row_lse2[hh] = r < params.seqlen_q ? params.lse2[i] : 0.f;
-        row_d[hh] = r < params.seqlen_q ? params.dsum[i] : 0.f;
+        row_dsum[hh] = r < params.seqlen_q ? params.dsum[i] : 0.f;
     }
 
     load_tile_async<kBlockM, kDqThreads>(sQ, params.q + batch * params.q_batch_stride + head * params.q_head_stride + m0 * params.q_row_stride,
@@ -257,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(kDqThreads) flash_bwd_dq(const __gr
                 const int row = m0 + warp_row0 + acc_row(0, e), key = n0 + acc_col(nt, e);
                 float p = ptx::exp2_approx(fmaf(acc_s[0][nt][e], params.scale_log2, -row_lse2[e / 2]));
                 if (need_mask && !visible(row, key, params.seqlen_k, diag)) p = 0.f;
-                acc_dp[0][nt][e] = p * ((keep >> e & 1 ? acc_dp[0][nt][e] : 0.f) - row_d[e / 2]);
+                acc_dp[0][nt][e] = p * ((keep >> e & 1 ? acc_dp[0][nt][e] : 0.f) - row_dsum[e / 2]);
             }
         }
         // dQ_i += dS K_j

@@ -11,7 +11,6 @@ typedef __half elem_t;
 
 typedef long long int64;
 
-constexpr int kHeadDim = HEAD_DIM;
 // Shared-memory row pitch in elements: 16 extra bytes per row put the 8 rows that one ldmatrix
 // phase reads into 8 different 4-bank groups, so tiles need no swizzle.
 constexpr int kPitch = HEAD_DIM + 8;

@@ -274,18 +274,6 @@ template <int N>
 struct Wgmma;
 
 template <>
-struct Wgmma<16> {
-    template <int TRANS_A, int TRANS_B>
-    static __device__ __forceinline__ void ss(float (&d)[2][4], unsigned long long a, unsigned long long b, int scale_d) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n16k16.f32." WGMMA_AB "." WGMMA_AB " {" WG_D8 "}, %8, %9, p, 1, 1, %11, %12;\n}\n"
-            : WG_ACC2(0)
-            : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)
-            : "memory");
-    }
-};
-template <>
 struct Wgmma<32> {
     template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[4][4], unsigned long long a, unsigned long long b, int scale_d) {
