@@ -28,6 +28,8 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
     import torch
 
     register_torch_ops()
+    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        check_torch(q, k, v)  # a TypeError that names the argument
     if torch.compiler.is_compiling():  # flash_fwd's fake implementation checks the tensors
         scale = validate.softmax_scale(softmax_scale, int(q.shape[-1]))
         seed = None if seed is None else _signed64(validate.seed(seed, dropout_p))  # the schema's int is signed
@@ -58,33 +60,23 @@ def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
         seed, offset = dropout.torch_seed_offset(q.device.index)
     else:
         seed = 0
-    key = _signature(q, k, v, softmax_scale, causal, dropout_p)
-    known = _signatures.get(key) if key is not None else None
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device,
+           v.device, softmax_scale, causal, dropout_p)  # all a plan depends on, read without validating
+    known = _signatures.get(key)
     ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
     if known is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) & 15 and known[1] == torch._C._cuda_getDevice():
         fplan, index, lse_shape = known
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
         counter = torch.zeros(1, dtype=torch.int32, device=q.device).data_ptr() if fplan.maps else 0
-        launch_forward(fplan, *ptrs, out.data_ptr(), lse.data_ptr(), torch._C._cuda_getCurrentRawStream(index),
-                           seed, offset, counter)
+        stream = torch._C._cuda_getCurrentRawStream(index)
+        launch_forward(fplan, *ptrs, out.data_ptr(), lse.data_ptr(), stream, seed, offset, counter)
         return out, lse, (seed, offset)
     out, lse = ops.forward(q.detach(), k.detach(), v.detach(), softmax_scale=softmax_scale, causal=causal,
                            dropout_p=dropout_p, seed=seed, offset=offset)
-    if key is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
+    if not (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
         _remember(key, q, k, v, out, softmax_scale, causal, dropout_p)
     return out, lse, (seed, offset)
-
-
-def _signature(q, k, v, softmax_scale, causal, dropout_p):
-    """What a call's plan depends on, read from the tensors without validating them; None for
-    inputs the eager path leaves to ops.forward (not three torch tensors)."""
-    import torch
-
-    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
-        return None
-    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            k.device, v.device, softmax_scale, causal, dropout_p)
 
 
 def _remember(key, q, k, v, out, softmax_scale, causal, dropout_p):
