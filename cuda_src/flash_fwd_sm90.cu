@@ -70,7 +70,7 @@ constexpr bool kFoldScale = !IS_CAUSAL;
 // [0, seqlen_q) cost a K/V tile or two rather than a whole row of them (d64, Br = 192, s = 2k and
 // 4k: 5% of the work, +2.5-3.5%; bench/NOTES.md, v2.16). The TMA copy of Q fills rows below 0
 // with zeros; a TMA store that starts below row 0 is an illegal instruction, so the shift is
-// whole warpgroups of 64 rows, whose stores are skipped (cuflash/plan.py: causal_row_shift). O
+// whole warpgroups of 64 rows, whose stores are skipped (cuflash/schedule.py: causal_row_shift). O
 // stored from registers keeps row 0.
 constexpr bool kRowsEndAligned = IS_CAUSAL && kStageO;
 // With two consumer warpgroups at d <= 128, each warp holds its 16 rows of Q as wgmma A fragments

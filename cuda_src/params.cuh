@@ -40,7 +40,7 @@ struct FwdParams {
     int64 o_batch_stride, o_row_stride, o_head_stride;
     int seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim;
     int num_m_blocks;
-    int num_bh, tail_heads;  // sm_90a: the tile schedule (cuflash/plan.py: persistent_tail_heads)
+    int num_bh, tail_heads;  // sm_90a: the tile schedule (cuflash/schedule.py: persistent_tail_heads)
     float scale_log2;        // softmax_scale * log2(e)
     DropoutParams drop;
 };

@@ -9,7 +9,7 @@ import math
 import threading
 
 from . import compile as compile_
-from . import dropout, params, plan, tma
+from . import dropout, params, plan, schedule, tma
 from .device import check_arch, hopper_runs, sm_count, smem_limit
 from .forward_launch import INT32_MAX, LOG2E
 from .launch import allow_dynamic_smem, launch
@@ -35,7 +35,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     device_id = cupy.cuda.get_device_id()
     variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id),
                                     dropout=dropout_p > 0, hopper=hopper_runs(device_id, q, k, v, dout))
-    flush_every = plan.dkdv_flush_every(variant.tile, nheads // nheads_k, seqlen_q)
+    flush_every = schedule.dkdv_flush_every(variant.tile, nheads // nheads_k, seqlen_q)
     if flush_every:
         variant = dataclasses.replace(variant, flush=True)
     check_arch(variant, device_id)
@@ -45,7 +45,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     m_blocks = -(-seqlen_q // variant.tile.block_m)
     hopper = plan.is_hopper(variant)
     num_tiles, dkdv_ctas = batch * nheads * m_blocks, batch * nheads_k * n_blocks
-    converters = plan.dq_converters(dkdv_ctas, num_tiles, sm_count(device_id)) if hopper else 0
+    converters = schedule.dq_converters(dkdv_ctas, num_tiles, sm_count(device_id)) if hopper else 0
     if max(rows, num_tiles, dkdv_ctas + converters) > INT32_MAX:
         raise ValueError(f"problem too large for one launch: {rows} query rows")
     # lse2 and D rows are padded to 4 floats so that each (batch, head) row is 16-byte aligned.
@@ -56,16 +56,16 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     lse2, dsum = (info.data_ptr for _, info in keep)
     dq_accum = dq_done = dq_converted = 0
     if not deterministic:
-        floats = math.prod(plan.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim))
-        words = plan.dq_sync_words(variant, batch, nheads, nheads_k, seqlen_q)
+        floats = math.prod(schedule.dq_accum_shape(variant, batch, nheads, seqlen_q, head_dim))
+        words = schedule.dq_sync_words(variant, batch, nheads, nheads_k, seqlen_q)
         keep.append(empty((floats + words,), "float32"))
         dq_accum = keep[-1][1].data_ptr
         dq_done = dq_accum + 4 * floats
-        dq_converted = dq_done + 4 * plan.dq_sync_counters(batch, nheads_k)
+        dq_converted = dq_done + 4 * schedule.dq_sync_counters(batch, nheads_k)
         cupy.cuda.runtime.memsetAsync(dq_accum, 0, 4 * (floats + words), stream)
     dkdv_partial = 0
     if flush_every:
-        keep.append(empty((plan.dkdv_partial_floats(variant.tile, variant.head_dim, dkdv_ctas),), "float32"))
+        keep.append(empty((schedule.dkdv_partial_floats(variant.tile, variant.head_dim, dkdv_ctas),), "float32"))
         dkdv_partial = keep[-1][1].data_ptr
 
     # Dropout's 1 / (1 - p) is folded into the scales of dV (rp_dropout) and of dK and dQ

@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 
 from . import compile as compile_
-from . import dropout, params, plan, tma
+from . import dropout, params, plan, schedule, tma
 from .device import check_arch, hopper_runs, sm_count, smem_limit
 from .launch import allow_dynamic_smem, launch
 
@@ -53,8 +53,8 @@ def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=N
     if plan.is_hopper(variant):
         # One persistent CTA per SM walks the tiles, claiming units of them from a counter that
         # starts at zero; q, k, v and o travel as TMA tensor maps (O: one warpgroup's rows per box).
-        tail_heads = plan.persistent_tail_heads(batch * nheads, m_blocks, sm_count(device_id), causal)
-        grid = min(plan.persistent_units(batch * nheads, m_blocks, causal, tail_heads), sm_count(device_id))
+        tail_heads = schedule.persistent_tail_heads(batch * nheads, m_blocks, sm_count(device_id), causal)
+        grid = min(schedule.persistent_units(batch * nheads, m_blocks, causal, tail_heads), sm_count(device_id))
         static.update(num_bh=batch * nheads, tail_heads=tail_heads)
         rows = (variant.tile.block_m, variant.tile.block_n, variant.tile.block_n, 64)
         maps = tuple((a.shape, a.strides, a.dtype, r) for a, r in zip((q, k, v, o), rows))

@@ -306,7 +306,7 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
 
     fold_output_scale (the sm_90a kernel without causal: kFoldScale) moves that normalisation
     onto the last K/V tile: there alpha and P (before its rounding) take (1 / (1 - p)) / l, so that
-    the last P V leaves O normalised. row_shift (the causal sm_90a kernel: plan.causal_row_shift)
+    the last P V leaves O normalised. row_shift (the causal sm_90a kernel: schedule.causal_row_shift)
     moves the Q tiles up: tile m holds rows [m * block_m - row_shift, (m + 1) * block_m - row_shift),
     those below 0 computed by the kernel and thrown away (here: left out)."""
     batch, seqlen_q, nheads, head_dim = q.shape

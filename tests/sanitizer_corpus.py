@@ -9,7 +9,7 @@ import os
 import cupy
 
 import cuflash
-from cuflash import backward_launch, plan
+from cuflash import backward_launch, schedule
 from helpers import randn
 
 
@@ -40,12 +40,12 @@ if __name__ == "__main__":
         for case in CASES:
             run(*case)
     # dK/dV accumulators flushed to their float32 partial sums every Q tile or two.
-    plan.DKDV_FLUSH_ROWS = 128
+    schedule.DKDV_FLUSH_ROWS = 128
     for portable in ("1", "0"):
         os.environ["CUFLASH_PORTABLE"] = portable
         run(1, 300, 200, 4, 1, 128, "float16", True)
         run(1, 300, 200, 4, 2, 64, "bfloat16", False)
-    plan.DKDV_FLUSH_ROWS = 65536
+    schedule.DKDV_FLUSH_ROWS = 65536
     # The sm_90a backward with converter CTAs: 8 dK/dV CTAs on a pretended 4-SM GPU.
     backward_launch.sm_count = lambda device_id: 4
     run(1, 256, 512, 4, 2, 128, "bfloat16", False)

@@ -110,7 +110,7 @@ def test_backward_bad_lse_is_refused():
                                                              (True, True, 0.0), (False, False, 0.15)])
 def test_dkdv_flushed_partial_sums(path, head_dim, causal, deterministic, dropout_p, monkeypatch):
     """dK/dV CTAs that hand their accumulators to the float32 partial sums every 1 to 3 Q tiles
-    (plan.DKDV_FLUSH_ROWS lowered from 65536 rows to 160), so that the first flush, the later
+    (schedule.DKDV_FLUSH_ROWS lowered from 65536 rows to 160), so that the first flush, the later
     ones and the fold at the end all run, with GQA, causal rows, dropout and deterministic mode:
     the gradients still obey the 2x rule, and equal the unflushed run's within rounding."""
     q, k, v = qkv(2, 333, 290, 4, 1, head_dim, "float16", seed=head_dim)

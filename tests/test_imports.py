@@ -70,5 +70,5 @@ def test_the_product_does_not_import_the_test_oracle():
 
 def test_the_lower_layers_do_not_import_the_api_or_its_adapters():
     graph = import_graph()
-    for low in ("params", "plan", "launch", "tma", "device", "compile", "forward_launch", "backward_launch", "validate"):
+    for low in ("params", "plan", "schedule", "launch", "tma", "device", "compile", "forward_launch", "backward_launch", "validate"):
         assert not graph[low] & {"api", "ops", "torch_ops", "jax_ops"}, f"{low} imports a layer above it"

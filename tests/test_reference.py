@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cuflash import plan, reference
+from cuflash import reference, schedule
 from cuflash.reference import attention_reference, flash_forward_model, from_float32
 from helpers import assert_2x, make_inputs, max_abs_err, model_problems
 
@@ -19,7 +19,7 @@ def kernel_options(p):
     """flash_forward_model's options for problem p, each checked with and without causal: as the
     portable kernels; 1 / l folded into the last tile (sm_90a without causal); row blocks aligned
     to the end (sm_90a under causal)."""
-    return [{}, dict(fold_output_scale=True), dict(row_shift=plan.causal_row_shift(p["seqlen_q"], p["block_m"]))]
+    return [{}, dict(fold_output_scale=True), dict(row_shift=schedule.causal_row_shift(p["seqlen_q"], p["block_m"]))]
 
 
 @settings(max_examples=60, deadline=None)
@@ -56,7 +56,7 @@ def test_tile_skipping_and_masking_cover_exactly_the_visible_keys(seqlen_q, seql
     seen = reference.visible(seqlen_q, seqlen_k, causal)
     covered = np.zeros_like(seen)
     num_m_blocks = -(-seqlen_q // block_m)
-    shift = plan.causal_row_shift(seqlen_q, block_m) if shifted else 0
+    shift = schedule.causal_row_shift(seqlen_q, block_m) if shifted else 0
     if shifted:
         assert 0 <= shift < block_m and shift % 64 == 0 and 0 <= num_m_blocks * block_m - shift - seqlen_q < 64
     for m_block in range(num_m_blocks):
