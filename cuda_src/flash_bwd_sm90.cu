@@ -19,8 +19,7 @@
 // tile. At d128 (Br = 64: kSoloDq) warpgroup 0 computes the whole tile and warpgroup 1 only hands
 // over its dS^T rows, so it runs ahead and the two pointwise steps no longer coincide.
 // dS^T has two shared buffers, so a warpgroup writes tile i+1's while another still reads tile i's.
-#include "bwd_sm90_converter.cuh"
-#include "bwd_sm90_producer.cuh"
+#include "bwd_sm90_kernel.cuh"
 
 static_assert(!kSplitD, "flash_bwd_sm90.cu is the Bc = 128 kernel; flash_bwd_sm90_split_d.cu runs Bc = 64");
 
@@ -148,16 +147,5 @@ __device__ __forceinline__ void consume(const DkDvCta& cta) {
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
-    const int num_dkdv_ctas = gridDim.x - params.num_converters;
-    if (blockIdx.x >= num_dkdv_ctas) {
-        convert_dq_of_done_heads(params, blockIdx.x - num_dkdv_ctas);
-        return;
-    }
-    const DkDvCta cta(params);
-    if (threadIdx.x < 128) {  // producer warpgroup
-        ptx::setmaxnreg_dec<kProducerRegs>();
-        produce(cta, maps);
-        return;
-    }
-    consume(cta);
+    dkdv_kernel<consume>(params, maps);
 }

@@ -12,8 +12,7 @@
 // dS^T (DqTile::kTransposed), dV += P^T dO_i and dK += dS^T Q_i, all from shared memory. The two
 // warpgroups meet at a barrier every tile; P and dS have two buffers, so one warpgroup writes
 // tile i+1's while the other still reads tile i's.
-#include "bwd_sm90_converter.cuh"
-#include "bwd_sm90_producer.cuh"
+#include "bwd_sm90_kernel.cuh"
 
 static_assert(kSplitD, "flash_bwd_sm90_split_d.cu is the Bc = 64 kernel; flash_bwd_sm90.cu runs Bc = 128");
 
@@ -112,16 +111,5 @@ __device__ __forceinline__ void consume_split_d(const DkDvCta& cta) {
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     flash_bwd_dkdv_sm90(const __grid_constant__ BwdParams params, const __grid_constant__ TmaMaps maps) {
-    const int num_dkdv_ctas = gridDim.x - params.num_converters;
-    if (blockIdx.x >= num_dkdv_ctas) {
-        convert_dq_of_done_heads(params, blockIdx.x - num_dkdv_ctas);
-        return;
-    }
-    const DkDvCta cta(params);
-    if (threadIdx.x < 128) {  // producer warpgroup
-        ptx::setmaxnreg_dec<kProducerRegs>();
-        produce(cta, maps);
-        return;
-    }
-    consume_split_d(cta);
+    dkdv_kernel<consume_split_d>(params, maps);
 }

@@ -173,7 +173,8 @@ PARAMS_HEADERS = {"params.cuh", "field_kind.cuh"}
 FWD_HEADERS = {"ptx.cuh", "flash_common.cuh", "warp_gemm.cuh", "philox.cuh", "online_softmax.cuh"} | PARAMS_HEADERS
 BWD_HEADERS = {"ptx.cuh", "flash_common.cuh", "warp_gemm.cuh", "philox.cuh", "softmax_backward.cuh", "bwd_passes.cuh",
                "dkdv_partial.cuh", "tile_scheduler.cuh"} | PARAMS_HEADERS
-BWD_SM90_HEADERS = BWD_HEADERS | {"warpgroup_gemm.cuh", "bwd_sm90_cta.cuh", "bwd_sm90_producer.cuh", "bwd_sm90_converter.cuh"}
+BWD_SM90_HEADERS = BWD_HEADERS | {"warpgroup_gemm.cuh", "bwd_sm90_cta.cuh", "bwd_sm90_producer.cuh", "bwd_sm90_converter.cuh",
+                                    "bwd_sm90_kernel.cuh"}
 
 
 def test_every_header_is_used():

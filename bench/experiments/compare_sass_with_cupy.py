@@ -4,7 +4,6 @@ through cupy.RawModule (options as compile.py passed them before) into an empty 
 through compile.binary, and compare the machine code of the two cubins (their .text sections).
 Prints one line per program and "identical: N of N" last. Needs a GPU (RawModule asks for one)."""
 import os
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -14,20 +13,8 @@ import cupy  # noqa: E402
 
 from cuflash import compile as compile_, device, plan  # noqa: E402
 
-
-def code_sections(cubin):
-    """{section name: bytes} of a cubin's machine code (its ELF .text.<kernel> sections): equal
-    code sections mean equal SASS."""
-    (shoff,) = struct.unpack_from("<Q", cubin, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
-    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
-    names_at = headers[shstrndx][4]
-
-    def name(offset):
-        end = cubin.index(b"\0", names_at + offset)
-        return cubin[names_at + offset:end].decode()
-
-    return {name(h[0]): cubin[h[4]:h[4] + h[5]] for h in headers if name(h[0]).startswith(".text.")}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sass_diff import code_sections  # noqa: E402
 
 
 def cupy_cubin(program, arch):
