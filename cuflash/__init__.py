@@ -3,7 +3,7 @@ from .api import backward, dropout_mask, flash_attn_func, forward, warmup
 from .compile import cache_dir
 from .plan import BwdTile, FwdTile, HopperBwdTile, HopperFwdTile
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def cuda_available():
