@@ -10,18 +10,24 @@ from . import device, dropout, interop, validate
 from .backward_launch import launch_backward
 from .forward_launch import launch_forward, plan_forward
 
-PLAN_CACHE_SIZE = 1024  # signatures kept; the oldest goes first past this
+PLAN_CACHE_SIZE = 1024  # signatures kept per cache; the oldest goes first past this
 _plans = {}
 _plans_lock = threading.Lock()
-
-
 _plan_caches = [_plans]  # with the adapters' caches of plans by their own signatures
 
 
 def keep_plans_in(cache):
-    """Register an adapter's dict of plans, for clear_plan_cache."""
+    """Register an adapter's dict of plans, for remember_plan and clear_plan_cache."""
     _plan_caches.append(cache)
     return cache
+
+
+def remember_plan(cache, key, value):
+    """Store a plan in one of the caches, forgetting its oldest entry when it is full."""
+    with _plans_lock:
+        if len(cache) >= PLAN_CACHE_SIZE:
+            del cache[next(iter(cache))]
+        cache[key] = value
 
 
 def clear_plan_cache():
@@ -39,10 +45,7 @@ def forward_plan(q, k, v, o, softmax_scale, causal, dropout_p, tile=None):
     fplan = _plans.get(key)
     if fplan is None:
         fplan = plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, q.device, tile)
-        with _plans_lock:
-            if len(_plans) >= PLAN_CACHE_SIZE:
-                del _plans[next(iter(_plans))]
-            _plans[key] = fplan
+        remember_plan(_plans, key, fplan)
     return fplan
 
 

@@ -44,7 +44,6 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
 # --- eager ---------------------------------------------------------------------------------------
 
 _signatures = ops.keep_plans_in({})  # tensor signature -> (ForwardPlan, device index, lse shape), validated
-_signatures_lock = threading.Lock()
 
 
 def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
@@ -89,10 +88,7 @@ def _remember(key, q, k, v, out, softmax_scale, causal, dropout_p):
     scale = validate.softmax_scale(softmax_scale, infos[0].shape[3])
     fplan = ops.forward_plan(*infos, scale, causal, dropout_p)
     batch, seqlen_q, nheads, _ = q.shape
-    with _signatures_lock:
-        if len(_signatures) >= ops.PLAN_CACHE_SIZE:
-            del _signatures[next(iter(_signatures))]
-        _signatures[key] = (fplan, q.device.index, (batch, nheads, seqlen_q))
+    ops.remember_plan(_signatures, key, (fplan, q.device.index, (batch, nheads, seqlen_q)))
 
 
 def _eager_class():
