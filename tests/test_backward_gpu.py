@@ -9,7 +9,7 @@ from helpers import FAMILIES, assert_2x, assert_backward_2x, forward_path, probl
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
-from cuflash import backward_launch, plan  # noqa: E402
+from cuflash import backward_launch, plan, schedule  # noqa: E402
 from cuflash.reference import attention_reference_backward  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +33,7 @@ def test_every_backward_variant(variant, monkeypatch):
     if plan.is_hopper(variant) and cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU")
     if variant.flush:
-        monkeypatch.setattr(plan, "DKDV_FLUSH_ROWS", 160)
+        monkeypatch.setattr(schedule, "DKDV_FLUSH_ROWS", 160)
     for seqlens in ((113, 203), (203, 113)):
         check_backward(*qkv(1, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal,
                        deterministic=variant.deterministic, tile=variant.tile)
@@ -119,7 +119,7 @@ def test_dkdv_flushed_partial_sums(path, head_dim, causal, deterministic, dropou
         out, lse = cuflash.forward(q, k, v, causal=causal, dropout_p=dropout_p, seed=5)
         unflushed = cuflash.backward(dout, q, k, v, out, lse, causal=causal, deterministic=deterministic,
                                      dropout_p=dropout_p, seed=5)
-        monkeypatch.setattr(plan, "DKDV_FLUSH_ROWS", 160)
+        monkeypatch.setattr(schedule, "DKDV_FLUSH_ROWS", 160)
         flushed = cuflash.backward(dout, q, k, v, out, lse, causal=causal, deterministic=deterministic,
                                    dropout_p=dropout_p, seed=5)
     for name, a, b in zip(("dq", "dk", "dv"), flushed, unflushed):
