@@ -8,7 +8,7 @@
 // tiles a CTA adds its accumulators into its own float32 slice of a buffer and restarts them
 // from zero: the tensor cores never sum more than `every` tiles, and the CUDA cores sum the few
 // partial sums. The launcher picks the variants compiled with DKDV_FLUSH = 1 only where a CTA
-// sees more than DKDV_FLUSH_ROWS rows (cuflash/plan.py), and sets `every` from it; with
+// sees more than DKDV_FLUSH_ROWS rows (cuflash/schedule.py), and sets `every` from it; with
 // DKDV_FLUSH = 0 none of this is compiled (a per-tile check cost 2-5% at d128 and d256:
 // bench/NOTES.md, v2.19). A CTA that sees fewer than `every` tiles never touches the buffer.
 #pragma once

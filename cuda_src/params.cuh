@@ -33,7 +33,7 @@ struct FwdParams {
     const elem_t* v;
     elem_t* o;
     float* lse;
-    int* unit_counter;  // sm_90a: the persistent grid's next unit of work, zeroed by the launcher
+    int* unit_counter;  // sm_90a: the persistent grid's next unit of work, zero at launch and left at zero
     int64 q_batch_stride, q_row_stride, q_head_stride;
     int64 k_batch_stride, k_row_stride, k_head_stride;
     int64 v_batch_stride, v_row_stride, v_head_stride;

@@ -11,7 +11,7 @@
 // tail_heads heads come as single m blocks, the longest first over all of them, so that the
 // CTAs finish within a short tile of each other (a static round robin of pairs left 3-14% of
 // the grid idle at the end; bench/NOTES.md, v2.7). Units run head by head, so the CTAs working
-// at one time read the K and V of a few heads, which stay in L2. cuflash/plan.py
+// at one time read the K and V of a few heads, which stay in L2. cuflash/schedule.py
 // (persistent_order) mirrors the order for the CPU tests.
 #pragma once
 #include "ptx.cuh"
@@ -43,7 +43,7 @@ struct TileSchedule {
 
 // How a CTA's threads agree on its units: one thread claims them (CLAIM) and posts each in a
 // 2-slot ring in shared memory; the others read them from there (full: 1 arrival, empty: one per
-// reader). The counter is zero at launch.
+// reader). The counter is zero at launch, and the grid leaves it at zero.
 struct UnitQueue {
     int* slots;
     ptx::MbarRing<2> ring;
@@ -75,7 +75,14 @@ __device__ __forceinline__ void for_each_tile(const TileSchedule& schedule, cons
             int bh, m_block;
             if (schedule.tile(u, which, bh, m_block)) f(bh, m_block);
         }
-        if (CLAIM) u = gridDim.x + atomicAdd(queue.counter, 1);
+        if (CLAIM) {
+            // The grid (at most num_units CTAs) claims num_units numbers in all: one per unit past
+            // its first and one failed claim per CTA. The last one drawn leaves the counter at
+            // zero, for the next launch that is handed the same counter (cuflash/work_counters.py).
+            const int claimed = atomicAdd(queue.counter, 1);
+            if (claimed == schedule.num_units() - 1) *queue.counter = 0;
+            u = gridDim.x + claimed;
+        }
     }
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

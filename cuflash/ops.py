@@ -6,7 +6,7 @@ The public entry points (api.py) and the autograd adapters (torch_ops.py, jax_op
 import threading
 
 from . import compile as compile_
-from . import device, dropout, interop, validate
+from . import device, dropout, interop, validate, work_counters
 from .backward_launch import launch_backward
 from .forward_launch import launch_forward, plan_forward
 
@@ -80,10 +80,10 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
                         for x, info in operands]
             q_i, k_i, v_i = (info for _, info in operands)
             fplan = forward_plan(q_i, k_i, v_i, o_info, scale, causal, dropout_p, tile)
-            counter = 0
-            if fplan.maps:
-                # The persistent sm_90a grid claims its work from a counter zeroed here. `keep` holds
-                # it until the kernel is queued; the allocators reuse memory in stream order after that.
+            counter = work_counters.take(q_info.device, stream) if fplan.maps else 0
+            if fplan.maps and not counter:
+                # A graph capture: the counter is zeroed here, in the graph. `keep` holds it until the
+                # kernel is queued; the allocators reuse memory in stream order after that.
                 keep, counter_info = empty((1,), "int32")
                 interop.fill(keep, 0)
                 counter = counter_info.data_ptr

@@ -259,14 +259,16 @@ def test_cuda_graph_capture(family, torch):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):  # compile and warm up outside the capture
+        for _ in range(2):  # compile and warm up outside the capture (flash_attn_func: its eager path's signature)
             o, lse = cuflash.forward(*static[:3], causal=True)
             cuflash.backward(static[3], *static[:3], o, lse, causal=True)
+            cuflash.flash_attn_func(*static[:3], causal=True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         o, lse = cuflash.forward(*static[:3], causal=True)
         grads = cuflash.backward(static[3], *static[:3], o, lse, causal=True)
+        o_func = cuflash.flash_attn_func(*static[:3], causal=True)
     for replay in range(2):
         for x in static:
             x.copy_(torch.randn_like(x))
@@ -274,6 +276,7 @@ def test_cuda_graph_capture(family, torch):
         o_eager, lse_eager = cuflash.forward(*static[:3], causal=True)
         torch.cuda.synchronize()
         assert torch.equal(o, o_eager) and torch.equal(lse, lse_eager), f"replay {replay}"
+        assert torch.equal(o_func, o_eager), f"replay {replay}: flash_attn_func"
         q, k, v, dout = (cupy.from_dlpack(x) for x in static)
         o_ref, _ = ref(q, k, v, causal=True)
         o_low, _ = ref(q, k, v, causal=True, upcast=False)

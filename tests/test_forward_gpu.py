@@ -58,6 +58,29 @@ def test_edge_shapes(shape, causal, head_dim, path):
         check_forward(*qkv(batch, seqlen_q, seqlen_k, 8, 1, head_dim, "bfloat16", seed=seqlen_k), causal)
 
 
+def test_the_persistent_grid_leaves_its_counter_at_zero(monkeypatch):
+    """The sm_90a forward's work counter is taken from a ring and zeroed by the kernel itself:
+    with a ring of one slot, every launch reuses it (units from 1 to more than the SM count,
+    causal and not, from CuPy and from torch's eager path), each result is exact, and the slot
+    reads zero after them."""
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the persistent grid is the sm_90a forward's")
+    from cuflash import work_counters
+
+    monkeypatch.setattr(work_counters, "RING_SLOTS", 1)
+    for batch, seqlen, causal in ((1, 17, False), (3, 1000, True), (2, 300, False), (1, 129, True), (4, 2000, False)):
+        check_forward(*qkv(batch, seqlen, seqlen, 4, 2, 128, "bfloat16"), causal)
+    torch = pytest.importorskip("torch")
+    q, k, v = torch_qkv(torch, (2, 700, 700, 4, 2, 64), torch.bfloat16, requires_grad=(False,) * 3)
+    refs = [attention_reference(*(cupy.from_dlpack(x) for x in (q, k, v)), causal=True, upcast=u)[0] for u in (True, False)]
+    for _ in range(3):  # the second and third calls take torch_ops' known-signature path
+        assert_2x(cupy.from_dlpack(cuflash.flash_attn_func(q, k, v, causal=True)), *refs, "bfloat16")
+    cupy.cuda.Device().synchronize()
+    slot = work_counters.take(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    value = cupy.ndarray((1,), cupy.int32, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(slot, 4, None), 0))
+    assert int(value[0]) == 0
+
+
 def test_misaligned_rows_are_copied_and_stay_exact():
     """Rows 24 bytes apart cannot feed cp.async; the API copies such a view and stays exact."""
     base = randn((2, 77, 3, 12), "float16")
