@@ -2,8 +2,9 @@
 the kernel parameters fixed by shapes and strides), and the launch of a plan on a call's arrays.
 
 A plan depends on no pointer, so a caller may keep it for every call of the same signature
-(shapes, strides, dtype, device, flags): a call then costs the packing of its pointers and the
-launch.
+(shapes, strides, dtype, device, flags). It holds its kernel's parameter buffer, built once: a
+call writes its pointers (and dropout words) in place, the tensor maps of the pointers that
+changed since the plan's last call, and launches.
 """
 import threading
 from dataclasses import dataclass
@@ -11,24 +12,27 @@ from dataclasses import dataclass
 from . import compile as compile_
 from . import dropout, params, plan, schedule, tma
 from .device import check_arch, hopper_runs, sm_count, smem_limit
-from .launch import allow_dynamic_smem, launch
+from .launch import KernelLaunch, allow_dynamic_smem
 
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ForwardPlan:
     variant: plan.FwdVariant
     kernel: object     # the compiled kernel (compile.get_function)
     smem: int          # dynamic shared memory per block, bytes
     grid: int
     threads: int
-    pack: object       # pack(q, k, v, o, lse, unit_counter, seed_lo, seed_hi, offset) -> FwdParams bytes
+    launcher: object   # launch.KernelLaunch with FwdParams (and TmaMaps) filled but for _POINTERS, _RNG and the maps
     maps: tuple        # sm_90a: (shape, strides, dtype, box rows) of the tensor maps of q, k, v, o; else ()
+    mapped: list       # the pointers whose maps the buffer holds (q, k, v, o), or 0s
 
 
-_DYNAMIC = ("q", "k", "v", "o", "lse", "unit_counter", "seed_lo", "seed_hi", "offset")
+_POINTERS_AT, _POINTERS = params.FWD.run(("q", "k", "v", "o", "lse", "unit_counter"))
+_RNG_AT, _RNG = params.FWD.run(("seed_lo", "seed_hi", "offset"))
+_MAP_BYTES = 128
 
 
 def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=None):
@@ -60,21 +64,33 @@ def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=N
         maps = tuple((a.shape, a.strides, a.dtype, r) for a, r in zip((q, k, v, o), rows))
     else:
         static.update(num_bh=0, tail_heads=0)
-    return ForwardPlan(variant, kernel, smem, grid, variant.tile.threads, params.FWD.packer(static, _DYNAMIC), maps)
+    fwd = params.FWD.pack({**static, "q": 0, "k": 0, "v": 0, "o": 0, "lse": 0, "unit_counter": 0, "seed_lo": 0,
+                           "seed_hi": 0, "offset": 0})
+    parts = (fwd, bytes(_MAP_BYTES * len(maps))) if maps else (fwd,)
+    launcher = KernelLaunch(kernel, grid, variant.tile.threads, smem, *parts)
+    return ForwardPlan(variant, kernel, smem, grid, variant.tile.threads, launcher, maps, [0] * len(maps))
 
 
 def launch_forward(fplan, q, k, v, o, lse, stream, seed=0, offset=0, counter=0):
     """Launch a ForwardPlan on `stream` (a raw CUDA stream) of CuPy's current device: q, k, v,
     o, lse are the pointers of arrays of the plan's shapes and strides (lse contiguous float32
     (batch, nheads, seqlen_q)); seed and offset pick the dropout mask; `counter` is a zeroed
-    int32 in device memory, which the sm_90a kernel needs (ordered before it on `stream`)."""
-    seed_lo, seed_hi, offset = dropout.rng_words(seed, offset)
-    packed = fplan.pack(q, k, v, o, lse, counter, seed_lo, seed_hi, offset)
-    if fplan.maps:
-        maps = b"".join(tma.encode(ptr, *spec) for ptr, spec in zip((q, k, v, o), fplan.maps))
-        launch(fplan.kernel, fplan.grid, fplan.threads, fplan.smem, stream, packed, maps)
-    else:
-        launch(fplan.kernel, fplan.grid, fplan.threads, fplan.smem, stream, packed)
+    int32 in device memory, which the sm_90a kernel needs (ordered before it on `stream`; the
+    kernel leaves it at zero)."""
+    launcher = fplan.launcher
+    buffer = launcher.buffer
+    with launcher.lock:
+        _POINTERS.pack_into(buffer, _POINTERS_AT, q, k, v, o, lse, counter)
+        if fplan.variant.dropout:
+            _RNG.pack_into(buffer, _RNG_AT, *dropout.rng_words(seed, offset))
+        if fplan.maps:
+            at, mapped = launcher.offsets[1], fplan.mapped
+            for i, ptr in enumerate((q, k, v, o)):
+                if mapped[i] != ptr:
+                    start = at + _MAP_BYTES * i
+                    buffer[start:start + _MAP_BYTES] = tma.encode(ptr, *fplan.maps[i])
+                    mapped[i] = ptr
+        launcher(stream)
 
 
 _prepared = {}

@@ -9,6 +9,7 @@ buffer padded to match.
 """
 import ctypes
 import functools
+import threading
 
 _BUFFER_POINTER, _BUFFER_SIZE, _END = 1, 2, 0
 
@@ -58,13 +59,32 @@ def allow_dynamic_smem(function, nbytes):
     driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
 
 
-def launch(function, grid, block, shared_mem, stream, *parts):
-    """Launch a compiled kernel (from compile.get_function) on `stream` (a raw CUDA stream) with
-    its parameters, each the bytes of one parameter struct (params.Layout.pack)."""
-    from cupy.cuda import driver
+class KernelLaunch:
+    """A kernel's launch configuration with its parameter buffer built once, for launches that
+    differ only in a few fields: write them in place (`buffer`, e.g. with struct.pack_into at an
+    offset from params.Layout.run; `offsets` gives where each struct starts), then call with the
+    stream. Hold `lock` from the first write to the launch when other threads may launch it
+    too (the driver copies the buffer at the launch)."""
 
-    blob = param_buffer(param_offsets(function.ptr, len(parts)), parts)
-    params = ctypes.create_string_buffer(blob, len(blob))
-    size = ctypes.c_size_t(len(blob))
-    extra = (ctypes.c_void_p * 5)(_BUFFER_POINTER, ctypes.addressof(params), _BUFFER_SIZE, ctypes.addressof(size), _END)
-    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream, 0, ctypes.addressof(extra))
+    def __init__(self, function, grid, block, shared_mem, *parts):
+        from cupy.cuda import driver
+
+        self.offsets = param_offsets(function.ptr, len(parts))
+        blob = param_buffer(self.offsets, parts)
+        self.buffer = ctypes.create_string_buffer(blob, len(blob))
+        self._size = ctypes.c_size_t(len(blob))
+        self._extra = (ctypes.c_void_p * 5)(_BUFFER_POINTER, ctypes.addressof(self.buffer), _BUFFER_SIZE,
+                                            ctypes.addressof(self._size), _END)
+        self._launch_kernel = driver.launchKernel
+        self._config = (function.ptr, grid, 1, 1, block, 1, 1, shared_mem)
+        self._extra_ptr = ctypes.addressof(self._extra)
+        self.lock = threading.Lock()
+
+    def __call__(self, stream):
+        self._launch_kernel(*self._config, stream, 0, self._extra_ptr)
+
+
+def launch(function, grid, block, shared_mem, stream, *parts):
+    """Launch a compiled kernel (from compile.get_function) once on `stream` (a raw CUDA
+    stream) with its parameters, each the bytes of one parameter struct (params.Layout.pack)."""
+    KernelLaunch(function, grid, block, shared_mem, *parts)(stream)

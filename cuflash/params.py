@@ -47,24 +47,18 @@ class Layout:
             raise ValueError(f"{self.c_name}: missing fields {missing}, unknown fields {unknown}")
         return self._struct.pack(*[values[name] for name in self.names])
 
-    def packer(self, static, dynamic):
-        """pack(*values) for the fields named in `dynamic`, in that order, with the others taken
-        from `static` ({name: value}): a call's packing costs one struct.pack. Together the two
-        must name every field once."""
-        if set(static) & set(dynamic) or len(static) + len(dynamic) != len(self.names):
-            raise ValueError(f"{self.c_name}: static {sorted(static)} and dynamic {list(dynamic)} must split its fields")
-        self.pack({**static, **dict.fromkeys(dynamic, 0)})  # names every field, values of the right types
-        template = [static.get(name) for name in self.names]
-        slots = [self._index[name] for name in dynamic]
-        layout = self._struct
-
-        def pack(*values):
-            row = template.copy()
-            for slot, value in zip(slots, values):
-                row[slot] = value
-            return layout.pack(*row)
-
-        return pack
+    def run(self, names):
+        """(offset, struct.Struct) writing the consecutive fields `names` in place: Struct.pack_into(
+        buffer, offset, *values) stores them into this struct's bytes (a launch's parameter buffer)."""
+        first = self._index.get(names[0]) if names else None
+        if first is None or tuple(names) != self.names[first:first + len(names)]:
+            raise ValueError(f"{self.c_name}: {list(names)} are not consecutive fields of {self.names}")
+        fmt, cursor = "<", self.offsets[first]
+        for offset, kind in zip(self.offsets[first:first + len(names)], self.kinds[first:first + len(names)]):
+            code = _KINDS[kind][0]
+            fmt += (f"{offset - cursor}x" if offset > cursor else "") + code
+            cursor = offset + struct.calcsize("<" + code)
+        return self.offsets[first], struct.Struct(fmt)
 
     def static_asserts(self):
         """C++ static_asserts that hold iff cuda_src/params.cuh agrees with this description."""

@@ -54,12 +54,28 @@ def test_pack_names_every_field_once():
                           "offset": 0, "threshold": 0})
 
 
-def test_packer_fills_dynamic_fields_into_the_static_template():
-    static = {"calls": 5, "seqlen_q": 3, "seqlen_k": 4, "seed_lo": 0, "seed_hi": 0, "threshold": 9}
-    pack = params.MASK.packer(static, ("mask", "offset"))
-    assert pack(1234, 7) == params.MASK.pack({**static, "mask": 1234, "offset": 7})
-    with pytest.raises(ValueError, match="split its fields"):
-        params.MASK.packer(static, ("mask",))
+def test_a_run_of_fields_is_written_in_place():
+    values = {"mask": 1, "calls": 5, "seqlen_q": 3, "seqlen_k": 4, "seed_lo": 0, "seed_hi": 0, "offset": 0,
+              "threshold": 9}
+    buffer = bytearray(params.MASK.pack(values))
+    offset, run = params.MASK.run(("seqlen_k", "seed_lo", "seed_hi"))
+    run.pack_into(buffer, offset, 40, 41, 42)
+    assert bytes(buffer) == params.MASK.pack({**values, "seqlen_k": 40, "seed_lo": 41, "seed_hi": 42})
+    offset, run = params.MASK.run(("mask",))
+    run.pack_into(buffer, offset, 1234)
+    assert bytes(buffer)[:8] == (1234).to_bytes(8, "little")
+    for names in (("mask", "seqlen_q"), ("calls", "mask"), ("nothing",), ()):
+        with pytest.raises(ValueError, match="consecutive fields"):
+            params.MASK.run(names)
+
+
+def test_a_run_skips_the_padding_between_its_fields():
+    layout = params.Layout("T", [("a", "i"), ("b", "P"), ("c", "i")])
+    offset, run = layout.run(("a", "b", "c"))
+    assert offset == 0 and run.size == 20
+    buffer = bytearray(layout.pack({"a": 1, "b": 2, "c": 3}))
+    run.pack_into(buffer, offset, 1, 2, 3)
+    assert bytes(buffer) == layout.pack({"a": 1, "b": 2, "c": 3})
 
 
 @pytest.mark.parametrize("file", ["flash_fwd.cu", "flash_fwd_sm90.cu", "flash_bwd.cu", "flash_bwd_sm90.cu", "dropout_mask.cu"])
