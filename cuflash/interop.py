@@ -23,10 +23,17 @@ class ArrayInfo:
     data_ptr: int
 
 
+_FRAMEWORKS = {"cupy": "cupy", "torch": "torch", "jax": "jax", "jaxlib": "jax"}
+_framework_of_type = {}
+
+
 def framework_of(x):
     """The framework an array comes from, by its type's package: "cupy", "torch", "jax" or None."""
-    root = type(x).__module__.split(".")[0]
-    return {"cupy": "cupy", "torch": "torch", "jax": "jax", "jaxlib": "jax"}.get(root)
+    kind = type(x)
+    framework = _framework_of_type.get(kind, False)
+    if framework is False:
+        framework = _framework_of_type[kind] = _FRAMEWORKS.get(kind.__module__.split(".")[0])
+    return framework
 
 
 def _c_strides(shape):

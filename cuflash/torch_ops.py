@@ -20,14 +20,14 @@ NotImplementedError instead of being dropped.
 import sys
 import threading
 
-from . import dropout, interop, ops, validate
+from . import dropout, interop, ops, validate, work_counters
 from .forward_launch import launch_forward
 
 def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
     """(o, lse) of flash_attn_func for torch tensors (flags validated by the caller)."""
-    import torch
-
-    register_torch_ops()
+    if not _torch_registered:
+        register_torch_ops()
+    torch = sys.modules["torch"]
     if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         check_torch(q, k, v)  # a TypeError that names the argument
     if torch.compiler.is_compiling():  # flash_fwd's fake implementation checks the tensors
@@ -35,23 +35,21 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
         seed = None if seed is None else _signed64(validate.seed(seed, dropout_p))  # the schema's int is signed
         out, lse, _ = torch.ops.cuflash.flash_fwd(q, k, v, scale, causal, deterministic, dropout_p, seed)
         return out, lse
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return EagerAttention.apply(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        return EagerAttention.apply(q, k, v, (softmax_scale, causal, deterministic, dropout_p, seed))
     out, lse, _ = _forward(q, k, v, softmax_scale, causal, dropout_p, seed)
     return out, lse
 
 
 # --- eager ---------------------------------------------------------------------------------------
 
-_signatures = ops.keep_plans_in({})  # tensor signature -> (ForwardPlan, device index, lse shape), validated
+_signatures = ops.keep_plans_in({})  # tensor signature -> (ForwardPlan, device index, O and lse templates), validated
 
 
 def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
     """(out, lse, (seed, offset)) of an eager call: a known signature with 16-byte aligned
     tensors on the current device is launched straight from its plan; anything else goes
     through ops.forward, which validates it (and raises for bad input) and plans it."""
-    import torch
-
     offset = 0
     if seed is not None:
         seed = validate.seed(seed, dropout_p)
@@ -63,14 +61,19 @@ def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
            v.device, softmax_scale, causal, dropout_p)  # all a plan depends on, read without validating
     known = _signatures.get(key)
     ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
-    if known is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) & 15 and known[1] == torch._C._cuda_getDevice():
-        fplan, index, lse_shape = known
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device).data_ptr() if fplan.maps else 0
-        stream = torch._C._cuda_getCurrentRawStream(index)
-        launch_forward(fplan, *ptrs, out.data_ptr(), lse.data_ptr(), stream, seed, offset, counter)
-        return out, lse, (seed, offset)
+    if known is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
+        torch = sys.modules["torch"]
+        fplan, index, out_like, lse_like = known
+        if index == torch._C._cuda_getDevice():
+            out, lse = torch.empty_like(out_like), torch.empty_like(lse_like)
+            stream = torch._C._cuda_getCurrentRawStream(index)
+            counter = 0
+            if fplan.maps:
+                counter = work_counters.take(index, stream)
+                if not counter:  # a graph capture: zeroed in the graph
+                    counter = torch.zeros(1, dtype=torch.int32, device=q.device).data_ptr()
+            launch_forward(fplan, *ptrs, out.data_ptr(), lse.data_ptr(), stream, seed, offset, counter)
+            return out, lse, (seed, offset)
     out, lse = ops.forward(q.detach(), k.detach(), v.detach(), softmax_scale=softmax_scale, causal=causal,
                            dropout_p=dropout_p, seed=seed, offset=offset)
     if not (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
@@ -88,7 +91,11 @@ def _remember(key, q, k, v, out, softmax_scale, causal, dropout_p):
     scale = validate.softmax_scale(softmax_scale, infos[0].shape[3])
     fplan = ops.forward_plan(*infos, scale, causal, dropout_p)
     batch, seqlen_q, nheads, _ = q.shape
-    ops.remember_plan(_signatures, key, (fplan, q.device.index, (batch, nheads, seqlen_q)))
+    # Templates of O and lse: stride-0 views of 4 bytes, whose empty_like is C-contiguous memory of
+    # their shape and dtype, allocated in half the host time of new_empty(shape, dtype=...).
+    out_like = out.new_empty((1,)).expand(q.shape)
+    lse_like = out.new_empty((1,), dtype=sys.modules["torch"].float32).expand(batch, nheads, seqlen_q)
+    ops.remember_plan(_signatures, key, (fplan, q.device.index, out_like, lse_like))
 
 
 def _eager_class():
@@ -99,22 +106,24 @@ def _eager_class():
         backward of _gradients."""
 
         @staticmethod
-        def forward(ctx, q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+        def forward(ctx, q, k, v, flags):  # flags in one argument: apply's cost grows with their count
+            softmax_scale, causal, deterministic, dropout_p, seed = flags
             out, lse, rng = _forward(q, k, v, softmax_scale, causal, dropout_p, seed)
             ctx.save_for_backward(q, k, v, out, lse)
-            ctx.softmax_scale = validate.softmax_scale(softmax_scale, int(q.shape[-1]))
-            ctx.causal, ctx.deterministic, ctx.dropout_p, ctx.rng = causal, deterministic, dropout_p, rng
+            ctx.flags, ctx.rng = flags, rng
             ctx.set_materialize_grads(False)
             return out, lse
 
         @staticmethod
         def backward(ctx, dout, dlse):
+            softmax_scale, causal, deterministic, dropout_p, _ = ctx.flags
+
             def run(dout, q, k, v, out, lse):
-                return ops.backward(dout, q, k, v, out, lse, softmax_scale=ctx.softmax_scale, causal=ctx.causal,
-                                    deterministic=ctx.deterministic, dropout_p=ctx.dropout_p, seed=ctx.rng[0],
+                return ops.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+                                    deterministic=deterministic, dropout_p=dropout_p, seed=ctx.rng[0],
                                     offset=ctx.rng[1])
 
-            return _gradients(ctx, dout, dlse, ctx.saved_tensors, run) + (None,) * 5
+            return _gradients(ctx, dout, dlse, ctx.saved_tensors, run) + (None,)
 
     return EagerAttention
 

@@ -101,12 +101,16 @@ def softmax_scale(value, head_dim):
 
 
 def flag(name, value):
-    if type(value).__name__ not in ("bool", "bool_"):  # Python or NumPy bool
+    if value is True or value is False:
+        return value
+    if type(value).__name__ != "bool_":  # NumPy's bool
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
     return bool(value)
 
 
 def dropout_p(value):
+    if type(value) is float and 0.0 <= value < 1.0:  # the common case, before the ABC checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"dropout_p must be a real number; got {type(value).__name__}")
     if not 0.0 <= float(value) < 1.0:
