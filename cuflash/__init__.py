@@ -1,5 +1,6 @@
 """cuflash: exact FlashAttention for CuPy, PyTorch and JAX arrays, compiled at run time by NVRTC."""
-from .api import backward, dropout_mask, flash_attn_func, forward, warmup
+from .api import (backward, dropout_mask, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, forward,
+                  warmup)
 from .compile import cache_dir
 from .plan import BwdTile, FwdTile, HopperBwdTile, HopperFwdTile
 
@@ -16,5 +17,6 @@ def cuda_available():
         return False
 
 
-__all__ = ["flash_attn_func", "forward", "backward", "dropout_mask", "warmup", "cache_dir", "FwdTile", "HopperFwdTile",
-           "BwdTile", "HopperBwdTile", "cuda_available", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "forward", "backward",
+           "dropout_mask", "warmup", "cache_dir", "FwdTile", "HopperFwdTile", "BwdTile", "HopperBwdTile", "cuda_available",
+           "__version__"]

@@ -47,13 +47,19 @@ def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, determin
                         seed=seed, offset=offset)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False,
-                    deterministic=False, seed=None):
-    """flash-attn 2 compatible entry: returns O, or (O, lse) with return_lse=True.
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False, seed=None):
+    """flash-attn 2's flash_attn_func, in its positional order: returns O (batch, seqlen_q,
+    nheads, headdim) like q; with return_lse=True (O, lse); with return_attn_probs=True (O, lse,
+    None), which is what flash-attn returns without dropout.
 
     Differentiable with respect to q, k and v for torch tensors (torch.autograd, torch.compile)
     and JAX arrays (jax.grad, jax.jit); lse is not differentiable (a gradient reaching it raises).
     deterministic=True makes the backward bitwise reproducible. CuPy arrays get the forward only.
+    A head dim that is not a multiple of 8 is zero-padded to one inside, as flash-attn does.
+    window_size, softcap and alibi_slopes are accepted at their defaults (no window, no cap, no
+    bias); other values raise NotImplementedError, as does return_attn_probs with dropout (use
+    return_lse and cuflash.dropout_mask).
 
     Dropout (dropout_p > 0) draws its mask from `seed`, or without one: for torch tensors from
     torch's CUDA generator (so torch.manual_seed reproduces a run and each call draws a new
@@ -63,16 +69,84 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, re
     dropout_p = validate.dropout_p(dropout_p)
     causal = validate.flag("causal", causal)
     deterministic = validate.flag("deterministic", deterministic)
+    validate.window_size(window_size)
+    validate.softcap(softcap)
+    validate.not_yet("alibi_slopes", alibi_slopes, None)
+    if return_attn_probs:
+        validate.flag("return_attn_probs", return_attn_probs)
+        if dropout_p > 0:
+            raise NotImplementedError("return_attn_probs=True with dropout_p > 0: cuflash does not return the "
+                                      "dropped attention matrix; use return_lse=True for lse and "
+                                      "cuflash.dropout_mask(q, k, dropout_p, seed) for the keep mask")
+    head_dim = _last_dim(q)
+    if head_dim % 8 and head_dim < plan.MAX_HEAD_DIM and interop.framework_of(q) is not None:
+        o, lse = _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, seed)
+    else:
+        o, lse = _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    if return_attn_probs:
+        return o, lse, None
+    return (o, lse) if validate.flag("return_lse", return_lse) else o
+
+
+def _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+    """(o, lse) through the autograd adapter of q's framework."""
     framework = interop.framework_of(q)
     if framework == "torch":
-        o, lse = torch_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
-    elif framework == "jax":
-        o, lse = jax_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
-    else:  # CuPy arrays (and anything else, which ops.forward refuses by name): no autograd
-        if dropout_p > 0 and seed is None:
-            seed = dropout.random_seed()
-        o, lse = ops.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p, seed=seed)
-    return (o, lse) if return_lse else o
+        return torch_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    if framework == "jax":
+        return jax_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    # CuPy arrays (and anything else, which ops.forward refuses by name): no autograd
+    if dropout_p > 0 and seed is None:
+        seed = dropout.random_seed()
+    return ops.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p, seed=seed)
+
+
+def _last_dim(x):
+    """x's last axis length, or 0 where x has no 4-d shape (the adapters then say what is wrong)."""
+    shape = getattr(x, "shape", None)
+    return shape[-1] if shape is not None and len(shape) == 4 else 0
+
+
+def _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, seed):
+    """_attention with q, k and v zero-padded to the next multiple of 8 in the head dim (the
+    kernels move 16-byte rows), and O cut back; the zeros change no score, and the scale stays
+    that of the true head dim."""
+    width = -head_dim % 8
+    if softmax_scale is None:
+        softmax_scale = validate.softmax_scale(None, head_dim)
+    if _last_dim(k) != head_dim or _last_dim(v) != head_dim:
+        raise ValueError(f"k and v must have q's head dim {head_dim}; got {_last_dim(k)} and {_last_dim(v)}")
+    q, k, v = (interop.pad_last(x, width) for x in (q, k, v))
+    o, lse = _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    return o[..., :head_dim], lse
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              return_lse=False, seed=None):
+    """flash_attn_func on qkv (batch, seqlen, 3, nheads, headdim) stacked; q, k and v are views
+    of it (no copy), and its gradient flows back into it."""
+    _check_packed("qkv", qkv, 3, "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs, return_lse=return_lse, seed=seed)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             return_lse=False, seed=None):
+    """flash_attn_func on q and kv (batch, seqlen_k, 2, nheads_k, headdim) stacked; k and v are
+    views of kv (no copy), and its gradient flows back into it."""
+    _check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs, return_lse=return_lse, seed=seed)
+
+
+def _check_packed(name, x, count, layout):
+    if interop.framework_of(x) is None:
+        raise TypeError(f"{name} must be a CuPy, PyTorch or JAX array; got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if len(shape) != 5 or shape[2] != count:
+        raise ValueError(f"{name} must have shape {layout}; got {shape}")
 
 
 def dropout_mask(q, k, dropout_p, seed, offset=0):

@@ -140,6 +140,24 @@ def fill(native, value):
         native.fill(value)
 
 
+def pad_last(x, width):
+    """x with `width` zeros appended to its last axis, in its own framework (differentiable
+    where the framework differentiates)."""
+    framework = framework_of(x)
+    if framework == "torch":
+        import torch
+
+        return torch.nn.functional.pad(x, (0, width))
+    pad = [(0, 0)] * (len(x.shape) - 1) + [(0, width)]
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return jnp.pad(x, pad)
+    import cupy
+
+    return cupy.pad(x, pad)
+
+
 def export(native, framework):
     """A result in the caller's framework; JAX takes CuPy's buffer through DLPack, which orders
     JAX's stream after CuPy's current one."""

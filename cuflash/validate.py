@@ -118,6 +118,33 @@ def dropout_p(value):
     return float(value)
 
 
+def not_yet(name, value, default):
+    """Accept a flash-attn argument that cuflash does not compute yet only at its neutral value
+    (default); anything else raises NotImplementedError rather than computing something else."""
+    if value is default or (default is not None and type(value) is type(default) and value == default):
+        return
+    raise NotImplementedError(f"{name}={value!r} is not supported by cuflash yet (only {default!r}); "
+                              "flash-attn or torch's FlexAttention compute it")
+
+
+def window_size(value):
+    """flash-attn's (left, right) window: -1 means unbounded on that side."""
+    if value == (-1, -1) and type(value) in (tuple, list):
+        return
+    if type(value) not in (tuple, list) or len(value) != 2 or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= -1 for x in value):
+        raise TypeError(f"window_size must be a pair of ints >= -1 (left, right); got {value!r}")
+    not_yet("window_size", tuple(int(x) for x in value), (-1, -1))
+
+
+def softcap(value):
+    if value == 0.0 and type(value) in (float, int):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"softcap must be a finite real number >= 0 (0: off); got {value!r}")
+    not_yet("softcap", float(value), 0.0)
+
+
 def is_contiguous(info):
     step = 1
     for size, stride in zip(reversed(info.shape), reversed(info.strides)):

@@ -22,6 +22,7 @@ SHAPES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim
     (2, 113, 203, 4, 2, 64),    # sq < sk, GQA 4:2
     (2, 203, 113, 8, 1, 128),   # sq > sk (causal: the first rows see no key), MQA 8:1
     (1, 113, 113, 4, 4, 72),    # an odd head dim
+    (1, 97, 131, 4, 2, 60),     # not a multiple of 8: flash_attn_func pads it to 64 inside
 ]
 
 
@@ -122,6 +123,39 @@ def test_torch_gradient_through_lse_is_refused(torch):
     o, lse = cuflash.flash_attn_func(q, k, v, return_lse=True)
     (o.float().sum() * lse.detach().mean()).backward()  # a detached lse is fine
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("packing", ["qkv", "kv"])
+def test_torch_packed_inputs_match_separate_ones(torch, packing):
+    """flash_attn_qkvpacked_func / flash_attn_kvpacked_func read q, k, v as views of the packed
+    tensor: O equals flash_attn_func's on separate copies, and (deterministic) the packed
+    gradient is theirs stacked, bitwise."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dout = torch.randn(2, 150, 4, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    if packing == "qkv":
+        packed = torch.randn(2, 150, 3, 4, 64, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+        o = cuflash.flash_attn_qkvpacked_func(packed, causal=True, deterministic=True)
+        parts = [packed.detach()[:, :, i].clone().requires_grad_() for i in range(3)]
+    else:
+        q = torch.randn(2, 150, 4, 64, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+        packed = torch.randn(2, 170, 2, 2, 64, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+        o = cuflash.flash_attn_kvpacked_func(q, packed, 0.0, None, True, (-1, -1), 0.0, None, True)
+        parts = [q.detach().clone().requires_grad_()] + [packed.detach()[:, :, i].clone().requires_grad_() for i in range(2)]
+    o.backward(dout)
+    o_separate = cuflash.flash_attn_func(*parts, causal=True, deterministic=True)
+    o_separate.backward(dout)
+    assert torch.equal(o, o_separate)
+    grads = [x.grad for x in parts]
+    assert torch.equal(packed.grad, torch.stack(grads[-packed.shape[2]:], 2))
+    if packing == "kv":
+        assert torch.equal(q.grad, grads[0])
+
+
+def test_torch_return_attn_probs_is_flash_attns_triple(torch):
+    q, k, v = torch_qkv(torch, SHAPES[0], torch.float16, requires_grad=(False,) * 3)
+    o, lse, probs = cuflash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    o_ref, lse_ref = cuflash.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert probs is None and torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
 
 
 def test_torch_deterministic_is_bitwise_reproducible(torch):

@@ -201,6 +201,57 @@ def test_flash_attn_func_checks_dropout_first():
         cuflash.flash_attn_func(*_numpy_qkv(), dropout_p=1.0)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"window_size": (128, 0)}, NotImplementedError, r"window_size=\(128, 0\) is not supported"),
+    ({"window_size": [-1, 64]}, NotImplementedError, "window_size"),
+    ({"window_size": (-2, 0)}, TypeError, "window_size must be a pair"),
+    ({"window_size": 128}, TypeError, "window_size must be a pair"),
+    ({"window_size": (1.5, 0)}, TypeError, "window_size must be a pair"),
+    ({"softcap": 30.0}, NotImplementedError, "softcap=30.0"),
+    ({"softcap": -1.0}, ValueError, "softcap must be"),
+    ({"softcap": "30"}, ValueError, "softcap must be"),
+    ({"alibi_slopes": np.ones(2, np.float32)}, NotImplementedError, "alibi_slopes"),
+    ({"return_attn_probs": True, "dropout_p": 0.1}, NotImplementedError, "dropout_mask"),
+    ({"return_attn_probs": 1}, TypeError, "return_attn_probs must be a bool"),
+], ids=repr)
+def test_flash_attn_func_refuses_what_it_does_not_compute_before_anything_runs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cuflash.flash_attn_func(*_numpy_qkv(), **kwargs)
+
+
+def test_flash_attn_func_takes_flash_attn_positional_order():
+    """q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    deterministic, return_attn_probs: the old 7th argument (return_lse=True) is now refused as a
+    window size rather than silently changing the result's type."""
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        cuflash.flash_attn_func(*_numpy_qkv(), 0.0, None, True, True)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        cuflash.flash_attn_func(*_numpy_qkv(), 0.0, None, True, (-1, -1), 50.0)
+    with pytest.raises(TypeError, match=r"\bq\b.*host"):  # defaults accepted, then the host array refused
+        cuflash.flash_attn_func(*_numpy_qkv(), 0.0, None, True, (-1, -1), 0.0, None, False, False)
+
+
+@pytest.mark.parametrize("func, shape, match", [
+    ("flash_attn_qkvpacked_func", (1, 8, 2, 2, 64), r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\)"),
+    ("flash_attn_qkvpacked_func", (1, 8, 3, 64), "qkv must have shape"),
+    ("flash_attn_kvpacked_func", (1, 8, 3, 2, 64), r"kv must have shape \(batch, seqlen_k, 2, nheads_k, headdim\)"),
+])
+def test_packed_inputs_are_checked(func, shape, match):
+    class ndarray:  # a stand-in CuPy array (its type's package is what interop.framework_of reads)
+        __module__ = "cupy"
+
+    x = ndarray()
+    x.shape = shape
+    args = (x,) if func == "flash_attn_qkvpacked_func" else (_numpy_qkv()[0], x)
+    with pytest.raises(ValueError, match=match):
+        getattr(cuflash, func)(*args)
+
+
+def test_packed_host_arrays_are_a_type_error():
+    with pytest.raises(TypeError, match="qkv must be a CuPy, PyTorch or JAX array"):
+        cuflash.flash_attn_qkvpacked_func(np.zeros((1, 8, 3, 2, 64), np.float16))
+
+
 @pytest.mark.parametrize("value, expected", [(None, 0), (0, 0), (7, 7), (2**64 + 3, 3), (-1, 2**64 - 1),
                                              (np.uint64(2**63), 2**63)], ids=repr)
 def test_seed(value, expected):
