@@ -16,11 +16,18 @@
   (seed, offset) and draw each tile's bits themselves; both give O = (P * keep / (1 - p)) V with
   lse of the undropped P, and the gradients of that for the fixed mask.
 
+- Softcap (softcap > 0, Gemma-2's logit soft-capping as flash-attn defines it): the scores
+  S = Q K^T * scale become S' = softcap * tanh(S / softcap) before the mask and the softmax, and
+  lse is that of S'; the backward multiplies dS' = P * (dP - D) by dS'/dS = 1 - tanh(S / softcap)^2.
+  softcap = 0 is off. The models run the softmax on t = tanh(S * scale / softcap) with
+  scale_log2 = softcap * log2(e), as the kernels do.
+
 Layout as in the API: q (batch, seqlen_q, nheads, d); k, v (batch, seqlen_k, nheads_k, d);
 lse (batch, nheads, seqlen_q), natural log; a row that sees no key has o = 0 and lse = -inf.
 Gradients have the layout of what they differentiate: dout and dq like q; dk, dv like k, v.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -163,22 +170,34 @@ def _check_dropout(dropout_p):
     return 1.0 / (1.0 - dropout_p)
 
 
-def attention_reference(q, k, v, softmax_scale=None, causal=False, upcast=True, *, dropout_p=0.0, dropout_mask=None):
+def _check_softcap(softcap):
+    """softcap as a float; it must be a finite real number >= 0 (0: off)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite real number >= 0 (0: off), got {softcap!r}")
+    return float(softcap)
+
+
+def attention_reference(q, k, v, softmax_scale=None, causal=False, upcast=True, *, dropout_p=0.0, dropout_mask=None, softcap=0.0):
     """(o, lse) of plain attention; float64 if upcast, else float32 rounded to q's dtype per stage.
 
     With dropout_mask (bool, broadcast to (batch, nheads, seqlen_q, seqlen_k), e.g. from
     reference.dropout_mask): O = (P * keep / (1 - dropout_p)) V, the dropped P rounded like P when
-    not upcast; lse stays that of the undropped P. dropout_p > 0 needs the mask."""
+    not upcast; lse stays that of the undropped P. dropout_p > 0 needs the mask.
+
+    With softcap > 0: the scores S = Q K^T * scale become S' = softcap * tanh(S / softcap) before
+    the mask (when not upcast, S rounded, then S' computed in float32 and rounded too); P and lse
+    are those of S'."""
     xp = _xp(q)
     nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
     scale = default_scale(head_dim, softmax_scale)
+    softcap = _check_softcap(softcap)
     lowp = q.dtype.name if not upcast else None
     compute = xp.float64 if upcast else xp.float32
     q_, k_, v_ = (_upcast(x, compute) for x in (q, k, v))
     group = nheads // nheads_k
     k_ = xp.repeat(k_, group, axis=2)
     v_ = xp.repeat(v_, group, axis=2)
-    p, lse = _probabilities(q_, k_, scale, causal, lowp)
+    p, lse, _ = _probabilities(q_, k_, scale, causal, lowp, softcap=softcap)
     p = _dropped(p, dropout_p, dropout_mask, lowp)
     o = xp.einsum("bhqk,bkhd->bqhd", p, v_)
     if lowp:
@@ -186,10 +205,12 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, upcast=True, 
     return o, lse
 
 
-def _probabilities(q_, k_, scale, causal, lowp):
-    """(P, lse) of q_ (b, sq, h, d) against k_ (b, sk, h, d), both upcast, K already repeated per
-    query head; P (b, h, sq, sk) rounded to lowp when set (S too); masked keys and rows that see
-    no key have P = 0, the latter lse = -inf."""
+def _probabilities(q_, k_, scale, causal, lowp, *, softcap=0.0):
+    """(P, lse, dcap) of q_ (b, sq, h, d) against k_ (b, sk, h, d), both upcast, K already repeated
+    per query head; P (b, h, sq, sk) rounded to lowp when set (S and S' too); masked keys and rows
+    that see no key have P = 0, the latter lse = -inf. With softcap > 0, P and lse are those of
+    S' = softcap * tanh(S / softcap) and dcap = dS'/dS = 1 - tanh(S / softcap)^2 (unrounded, over
+    every key, masked or not); None without softcap."""
     xp = _xp(q_)
     compute = q_.dtype.type
     seqlen_q, seqlen_k = q_.shape[1], k_.shape[1]
@@ -197,6 +218,14 @@ def _probabilities(q_, k_, scale, causal, lowp):
     s = xp.einsum("bqhd,bkhd->bhqk", q_, k_) * compute(scale)
     if lowp:
         s = round_to(s, lowp)
+    dcap = None
+    if softcap:
+        # S' = softcap * tanh(S / softcap); the derivative from the same t, before the mask makes S' = -inf
+        t = xp.tanh(s / compute(softcap))
+        dcap = 1 - t * t
+        s = compute(softcap) * t
+        if lowp:
+            s = round_to(s, lowp)
     s = xp.where(visible(seqlen_q, seqlen_k, causal, xp), s, -xp.inf)
     m = s.max(axis=-1, keepdims=True) if seqlen_k else xp.full(s.shape[:-1] + (1,), -xp.inf, compute)
     m_safe = xp.where(xp.isfinite(m), m, 0)
@@ -206,7 +235,7 @@ def _probabilities(q_, k_, scale, causal, lowp):
     if lowp:
         p = round_to(p, lowp)
     lse = xp.where(l > 0, xp.log(xp.where(l > 0, l, 1)) + m_safe, -xp.inf)[..., 0]
-    return p, lse
+    return p, lse, dcap
 
 
 def _dropped(p, dropout_p, dropout_mask, lowp):
@@ -228,7 +257,8 @@ def _sum_groups(x, nheads_k):
     return x.reshape(batch, seqlen, nheads_k, nheads // nheads_k, head_dim).sum(axis=3)
 
 
-def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False, upcast=True, *, dropout_p=0.0, dropout_mask=None):
+def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False, upcast=True, *, dropout_p=0.0, dropout_mask=None,
+                                 softcap=0.0):
     """(dq, dk, dv) of plain attention for the upstream gradient dout (shaped like q); float64 if
     upcast, else float32 rounded to q's dtype after S, P, O (which D = rowsum(dO * O) reads), dP,
     dS and the final dq, dk, dv (what a framework stores in the input dtype). dk, dv sum over the
@@ -236,10 +266,14 @@ def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False
 
     With dropout_mask (as in attention_reference), the gradient of O = P_drop V with
     P_drop = P * keep / (1 - p) for that fixed mask: dV = P_drop^T dO, dP_drop = dO V^T,
-    dP = dP_drop * keep / (1 - p), dS = P * (dP - D)."""
+    dP = dP_drop * keep / (1 - p), dS = P * (dP - D).
+
+    With softcap > 0 (as in attention_reference), P is that of the capped scores S' and
+    dS = P * (dP - D) * (1 - tanh(S / softcap)^2), rounded once when not upcast."""
     xp = _xp(q)
     head_dim, nheads_k = q.shape[3], k.shape[2]
     scale = default_scale(head_dim, softmax_scale)
+    softcap = _check_softcap(softcap)
     lowp = q.dtype.name if not upcast else None
     compute = xp.float64 if upcast else xp.float32
     q_, k_, v_, do_ = (_upcast(x, compute) for x in (q, k, v, dout))
@@ -247,7 +281,7 @@ def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False
     k_ = xp.repeat(k_, group, axis=2)
     v_ = xp.repeat(v_, group, axis=2)
     rnd = (lambda x: round_to(x, lowp)) if lowp else (lambda x: x)
-    p, _ = _probabilities(q_, k_, scale, causal, lowp)              # (b, h, sq, sk)
+    p, _, dcap = _probabilities(q_, k_, scale, causal, lowp, softcap=softcap)   # (b, h, sq, sk)
     # P_drop = P * keep / (1 - p)   (P itself without dropout)
     p_drop = _dropped(p, dropout_p, dropout_mask, lowp)
     # dV = P_drop^T dO
@@ -265,8 +299,12 @@ def attention_reference_backward(dout, q, k, v, softmax_scale=None, causal=False
     #                  = rowsum(P * keep / (1 - p) * dP_drop) = rowsum(P * dP).
     o = rnd(xp.einsum("bhqk,bkhd->bqhd", p_drop, v_))
     d_row = xp.einsum("bqhd,bqhd->bhq", do_, o)[..., None]
-    # dS = P * (dP - D)
-    ds = rnd(p * (dp - d_row))
+    # dS' = P * (dP - D): the gradient of the scores the softmax saw
+    ds = p * (dp - d_row)
+    if softcap:
+        # dS = dS' * dS'/dS = dS' * (1 - tanh(S / softcap)^2)
+        ds = ds * dcap
+    ds = rnd(ds)
     # dQ = scale * dS K; dK = scale * dS^T Q
     dq = xp.einsum("bhqk,bkhd->bqhd", ds, k_) * compute(scale)
     dk = _sum_groups(xp.einsum("bhqk,bqhd->bkhd", ds, q_), nheads_k) * compute(scale)
@@ -292,7 +330,7 @@ def tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, caus
 
 
 def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, block_n=64, *, dropout_p=0.0, seed=0, offset=0,
-                        fold_output_scale=False, row_shift=0):
+                        fold_output_scale=False, row_shift=0, softcap=0.0):
     """The kernel's algorithm in NumPy: for each Q tile, K/V tiles from last to first, masking only
     tiles that need it; S in float32; online softmax in log2 units; P rounded to the input dtype
     before P V; O and lse from the final m and l. Returns (o, lse) like attention_reference.
@@ -308,12 +346,20 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
     onto the last K/V tile: there alpha and P (before its rounding) take (1 / (1 - p)) / l, so that
     the last P V leaves O normalised. row_shift (the causal sm_90a kernel: schedule.causal_row_shift)
     moves the Q tiles up: tile m holds rows [m * block_m - row_shift, (m + 1) * block_m - row_shift),
-    those below 0 computed by the kernel and thrown away (here: left out)."""
+    those below 0 computed by the kernel and thrown away (here: left out).
+
+    Softcap (softcap > 0; the kernel's IS_SOFTCAP switch): each tile's S becomes
+    t = tanh(S * (scale / softcap)) before the mask, and the online softmax runs on t with
+    scale_log2 = softcap * log2(e), so that t * scale_log2 = S' * log2(e) for the capped
+    S' = softcap * t; lse stays in natural log. Equals attention_reference with the same softcap."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dtype = q.dtype.name
     acc = np.float64 if dtype == "float64" else np.float32
-    scale_log2 = acc(default_scale(head_dim, softmax_scale) * LOG2E)
+    softcap = _check_softcap(softcap)
+    # scale folds into the exponent, or with softcap into tanh's argument (softcap_scale)
+    scale_log2 = acc((softcap if softcap else default_scale(head_dim, softmax_scale)) * LOG2E)
+    softcap_scale = acc(default_scale(head_dim, softmax_scale) / softcap) if softcap else None
     rp_dropout = acc(_check_dropout(dropout_p))
     batch_head = np.arange(batch * nheads).reshape(batch, nheads, 1, 1)     # Philox counter word 2
     group = nheads // nheads_k
@@ -336,6 +382,9 @@ def flash_forward_model(q, k, v, softmax_scale=None, causal=False, block_m=64, b
             col_ids = np.arange(seqlen_k)[cols]
             # S = Q K_j^T   (b, h, Br, Bc)
             s = q_tile @ k_[:, :, cols].transpose(0, 1, 3, 2)
+            if softcap:
+                # S = tanh(S * scale / softcap), before the mask (cap_scores)
+                s = np.tanh(s * softcap_scale)
             if tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal, row_shift):
                 seen = (col_ids[None, :] < seqlen_k) & (not causal or col_ids[None, :] <= row_ids[:, None] + seqlen_k - seqlen_q)
                 s = np.where(seen, s, -np.inf)
@@ -380,7 +429,8 @@ def m_block_min(n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
     return first_row // block_m
 
 
-def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=False, block_m=64, block_n=64, *, dropout_p=0.0, seed=0, offset=0):
+def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=False, block_m=64, block_n=64, *, dropout_p=0.0, seed=0, offset=0,
+                         softcap=0.0):
     """The backward kernel's algorithm in NumPy (FlashAttention-2, K/V-tile outer loop): for each
     (batch, K/V head, K/V tile), dK and dV accumulate on chip over the group's query heads and the
     Q tiles from m_block_min; P is recomputed from the forward's lse; P and dS are rounded to the
@@ -396,15 +446,22 @@ def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=Fal
         dS = P * (dP_drop * keep / (1 - p) - D) = (1 / (1 - p)) P * (dP_drop * keep - D'),
              D' = (1 - p) D = (1 - p) rowsum(dO * O)
     so the loop accumulates (P * keep)^T dO and dS' = P * (dP_drop * keep - D'), and the scales
-    1 / (1 - p) (dV) and softmax_scale / (1 - p) (dK, dQ) are applied where softmax_scale already is."""
+    1 / (1 - p) (dV) and softmax_scale / (1 - p) (dK, dQ) are applied where softmax_scale already is.
+
+    Softcap (softcap > 0, as the forward got it): S becomes t = tanh(S * (scale / softcap)) and
+    P = exp2(t * softcap * log2(e) - lse * log2(e)), as in the forward; dS = P * (dP - D) * (1 - t * t),
+    with 1 - t * t taken before the mask (t = -inf there), then scaled by softmax_scale as without it."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dtype = q.dtype.name
     acc = np.float64 if dtype == "float64" else np.float32
     rp_dropout = _check_dropout(dropout_p)                                 # 1 / (1 - p)
+    softcap = _check_softcap(softcap)
     # dQ and dK scale dS' by softmax_scale / (1 - p) (by softmax_scale without dropout)
     scale = acc(default_scale(head_dim, softmax_scale) * rp_dropout)
-    scale_log2 = acc(default_scale(head_dim, softmax_scale) * LOG2E)
+    # as in the forward: with softcap, scale moves into tanh's argument and softcap into the exponent
+    scale_log2 = acc((softcap if softcap else default_scale(head_dim, softmax_scale)) * LOG2E)
+    softcap_scale = acc(default_scale(head_dim, softmax_scale) / softcap) if softcap else None
     group = nheads // nheads_k
     q_, k_, v_, do_, o_ = (_upcast(x, acc) for x in (q, k, v, dout, out))
     # A row that sees no key has lse = -inf: use +inf so that P = exp2(S * scale_log2 - inf) = 0.
@@ -432,10 +489,14 @@ def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=Fal
                         q_tile, do_tile = q_[b, rows, h], do_[b, rows, h]       # (Br, d)
                         # S = Q_i K_j^T   (Br, Bc)
                         s = q_tile @ k_tile.T
+                        if softcap:
+                            # S = t = tanh(S * scale / softcap); dS'/dS = 1 - t * t, before the mask
+                            s = np.tanh(s * softcap_scale)
+                            dcap = 1 - s * s
                         if tile_needs_mask(m_block, n_block, block_m, block_n, seqlen_q, seqlen_k, causal):
                             seen = (col_ids[None, :] < seqlen_k) & (not causal or col_ids[None, :] <= row_ids[:, None] + seqlen_k - seqlen_q)
                             s = np.where(seen, s, -np.inf)
-                        # P = exp2(S * scale_log2 - lse_i * log2e)
+                        # P = exp2(S * scale_log2 - lse_i * log2e)   (S = t with softcap)
                         p = np.exp2(s * scale_log2 - lse_log2[b, h, rows][:, None]).astype(acc)
                         p_in = round_to(p, dtype)                               # P as the GEMMs read it
                         # dP = dO_i V_j^T   (dP_drop with dropout)
@@ -448,7 +509,11 @@ def flash_backward_model(dout, q, k, v, out, lse, softmax_scale=None, causal=Fal
                         # dV_j += P^T dO_i   ((P * keep)^T dO_i with dropout)
                         acc_dv += p_in.T @ do_tile
                         # dS = P * (dP - D_i)   (dS' = P * (dP_drop * keep - D'_i) with dropout)
-                        ds = round_to((p * (dp - d_rows[b, h, rows][:, None])).astype(acc), dtype)
+                        ds = p * (dp - d_rows[b, h, rows][:, None])
+                        if softcap:
+                            # dS = dS * (1 - t * t): the gradient through the cap
+                            ds = ds * dcap
+                        ds = round_to(ds.astype(acc), dtype)
                         # dK_j += dS^T Q_i
                         acc_dk += ds.T @ q_tile
                         # dQ_i += scale * dS K_j   (atomicAdd into the float32 buffer)

@@ -1,5 +1,6 @@
 """CPU: the NumPy model of the tiled forward against the plain float64 reference."""
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -87,3 +88,112 @@ def test_round_to_matches_the_dtype_cast(dtype):
         import ml_dtypes
 
         assert np.array_equal(cast, x.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+# ---- softcap: S' = softcap * tanh(S / softcap) before the mask and the softmax ----
+
+# Smaller than the other model tests' sizes (seqlens up to 130): the capped scores add no tiling case.
+SOFTCAPS = st.sampled_from([1.0, 5.0, 30.0]) | st.floats(0.25, 50.0)
+
+
+def softcap_dropout(p):
+    """(the references' dropout arguments, the models') for problem p: none when dropout_p = 0,
+    else the mask of (seed, offset = 0) and the (seed, offset) the models draw it from."""
+    if not p["dropout_p"]:
+        return {}, {}
+    mask = reference.dropout_mask(p["seed"], 0, p["batch"], p["nheads"], p["seqlen_q"], p["seqlen_k"], p["dropout_p"])
+    return dict(dropout_p=p["dropout_p"], dropout_mask=mask), dict(dropout_p=p["dropout_p"], seed=p["seed"], offset=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(max_seqlen=130, softcap=SOFTCAPS, dropout_p=st.sampled_from([0.0, 0.0, 0.3])))
+def test_model_with_softcap_matches_float64_reference(p):
+    q, k, v, _ = make_inputs(p, "float64")
+    ref_drop, model_drop = softcap_dropout(p)
+    o_ref, lse_ref = attention_reference(q, k, v, p["softmax_scale"], p["causal"], softcap=p["softcap"], **ref_drop)
+    for options in kernel_options(p):
+        o, lse = flash_forward_model(q, k, v, p["softmax_scale"], p["causal"], p["block_m"], p["block_n"], softcap=p["softcap"],
+                                     **model_drop, **options)
+        assert max_abs_err(o, o_ref) < 1e-10
+        assert max_abs_err(lse, lse_ref) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@settings(max_examples=10, deadline=None)
+@given(p=problems(max_seqlen=130, softcap=SOFTCAPS))
+def test_model_with_softcap_in_low_precision_obeys_2x_rule(dtype, p):
+    q, k, v, _ = make_inputs(p, dtype)
+    args = (p["softmax_scale"], p["causal"])
+    o_ref, lse_ref = attention_reference(q, k, v, *args, softcap=p["softcap"])
+    o_low, lse_low = attention_reference(q, k, v, *args, upcast=False, softcap=p["softcap"])
+    for options in kernel_options(p):
+        o, lse = flash_forward_model(q, k, v, *args, p["block_m"], p["block_n"], softcap=p["softcap"], **options)
+        assert_2x(o, o_ref, o_low, dtype)
+        assert_2x(lse, lse_ref, lse_low, dtype, "lse")
+
+
+def test_softcap_by_hand():
+    """Two query rows, three keys, d = 2, causal (row 0 sees keys 0 and 1): O and lse from scalar
+    arithmetic; the models with 1-key tiles run the online softmax over every key."""
+    q = np.array([[1.0, 2.0], [0.0, -1.0]]).reshape(1, 2, 1, 2)
+    k = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]).reshape(1, 3, 1, 2)
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]).reshape(1, 3, 1, 2)
+    scale, softcap = 0.5, 0.75
+    # S = Q K^T * scale = [[0.5, 1, 0.5], [0, -0.5, -0.5]]; S' = softcap * tanh(S / softcap)
+    scores = [[0.5, 1.0], [0.0, -0.5, -0.5]]
+    o_hand, lse_hand = np.zeros((1, 2, 1, 2)), np.zeros((1, 1, 2))
+    for i, row in enumerate(scores):
+        w = [math.exp(softcap * math.tanh(s / softcap)) for s in row]
+        o_hand[0, i, 0] = [sum(wj * v[0, j, 0, c] for j, wj in enumerate(w)) / sum(w) for c in range(2)]
+        lse_hand[0, 0, i] = math.log(sum(w))
+    assert abs(lse_hand[0, 0, 0] - math.log(math.exp(0.75 * math.tanh(2 / 3)) + math.exp(0.75 * math.tanh(4 / 3)))) < 1e-15
+    for fn in (attention_reference, functools.partial(flash_forward_model, block_m=1, block_n=1),
+               functools.partial(flash_forward_model, block_m=16, block_n=16)):
+        o, lse = fn(q, k, v, scale, True, softcap=softcap)
+        assert max_abs_err(o, o_hand) < 1e-14 and max_abs_err(lse, lse_hand) < 1e-14
+    # without the cap: S itself
+    o, lse = attention_reference(q, k, v, scale, True)
+    assert abs(lse[0, 0, 0] - math.log(math.exp(0.5) + math.exp(1.0))) < 1e-14
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_huge_softcap_is_no_softcap(dtype):
+    """softcap = 1e6: S' = S - S^3 / (3 softcap^2) differs from S by ~1e-10 here. The same-
+    precision reference rounds S' back to the rounded S exactly (a float32 error ~1e-7 of S is far
+    below half a float16 / bfloat16 ulp); the models differ from their uncapped selves by the
+    float32 error of t * softcap * log2(e) against S * scale * log2(e) (float32: a few ulps; float16
+    / bfloat16: a flipped rounding of P, at most)."""
+    p = dict(batch=2, seqlen_q=45, seqlen_k=29, nheads=4, nheads_k=2, head_dim=16, seed=5)
+    q, k, v, _ = make_inputs(p, dtype)
+    tol = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
+    for causal in (False, True):
+        o, lse = attention_reference(q, k, v, 0.4, causal)
+        o_cap, lse_cap = attention_reference(q, k, v, 0.4, causal, softcap=1e6)
+        assert max_abs_err(o_cap, o) < 1e-9 and max_abs_err(lse_cap, lse) < 1e-9
+        if dtype in ("float16", "bfloat16"):
+            o, lse = attention_reference(q, k, v, 0.4, causal, upcast=False)
+            o_cap, lse_cap = attention_reference(q, k, v, 0.4, causal, upcast=False, softcap=1e6)
+            assert np.array_equal(o_cap, o) and np.array_equal(lse_cap, lse)
+        o, lse = flash_forward_model(q, k, v, 0.4, causal, 16, 16)
+        o_cap, lse_cap = flash_forward_model(q, k, v, 0.4, causal, 16, 16, softcap=1e6)
+        o, o_cap = (reference._upcast(x, np.float64) for x in (o, o_cap))
+        assert max_abs_err(o_cap, o) < tol and max_abs_err(lse_cap, lse) < (1e-9 if dtype == "float64" else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_softcap_zero_changes_no_bit(dtype):
+    p = dict(batch=1, seqlen_q=33, seqlen_k=20, nheads=2, nheads_k=1, head_dim=16, seed=7)
+    q, k, v, _ = make_inputs(p, dtype)
+    for upcast in (True, False):
+        for got, want in zip(attention_reference(q, k, v, None, True, upcast, softcap=0), attention_reference(q, k, v, None, True, upcast)):
+            assert np.array_equal(got, want)
+    for got, want in zip(flash_forward_model(q, k, v, None, True, softcap=0.0), flash_forward_model(q, k, v, None, True)):
+        assert np.array_equal(reference._upcast(got, np.float64), reference._upcast(want, np.float64))
+
+
+@pytest.mark.parametrize("softcap", [-1.0, math.nan, math.inf, True, "30", None])
+def test_softcap_is_checked(softcap):
+    q, k, v, _ = make_inputs(dict(batch=1, seqlen_q=4, seqlen_k=4, nheads=1, nheads_k=1, head_dim=8, seed=0), "float64")
+    for fn in (attention_reference, flash_forward_model):
+        with pytest.raises(ValueError, match="softcap must be"):
+            fn(q, k, v, softcap=softcap)
