@@ -6,7 +6,8 @@ with a git revision (NVRTC only: no GPU needed) and compares the code sections o
 
 Each variant the dispatcher can pick (plan.forward_variants, plan.backward_variants) is built by
 both revisions' compile layers, for sm_90a (the Hopper kernels) or for each --arch (the portable
-ones). Equal .text sections mean equal SASS. Prints one line per differing program and
+ones); a variant that turns on a switch the revision lacks is skipped. Equal .text sections
+mean equal SASS. Prints one line per differing program and
 "identical: N of M" last; exits 1 if any differs. The revision's cuflash/ and cuda_src/ are
 extracted as bench/ab.py does.
 """
@@ -37,10 +38,15 @@ def code_sections(cubin):
 
 
 def translate(variant, other):
-    """The same variant as an object of the other build's plan module."""
+    """The same variant as an object of the other build's plan module, or None where it turns on
+    a switch (a field off by default) that the other build lacks: such a variant has no
+    counterpart there."""
     tile = getattr(other.plan, type(variant.tile).__name__)(**dataclasses.asdict(variant.tile))
     fields = {f.name: getattr(variant, f.name) for f in dataclasses.fields(variant)}
     known = {f.name for f in dataclasses.fields(getattr(other.plan, type(variant).__name__))}
+    defaults = {f.name: f.default for f in dataclasses.fields(variant)}
+    if any(fields[name] != defaults[name] for name in fields if name not in known):
+        return None
     return getattr(other.plan, type(variant).__name__)(**{**{k: v for k, v in fields.items() if k in known}, "tile": tile})
 
 
@@ -62,8 +68,11 @@ def main(argv=None):
         jobs = []
         for variant in plan.forward_variants() + plan.backward_variants():
             make = "forward_program" if isinstance(variant, plan.FwdVariant) else "backward_program"
+            counterpart = translate(variant, old)
+            if counterpart is None:
+                continue
             new_program = getattr(compile_, make)(variant)
-            old_program = getattr(old.compile, make)(translate(variant, old))
+            old_program = getattr(old.compile, make)(counterpart)
             if args.file and new_program.file not in args.file:
                 continue
             for arch in (new_program.arch,) if new_program.arch else args.arch:

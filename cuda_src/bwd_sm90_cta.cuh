@@ -39,7 +39,8 @@
 #error "the sm_90a backward needs -arch=sm_90a"
 #endif
 
-// Injected by the launcher: BLOCK_M (Br, queries), BLOCK_N (Bc, keys), STAGES, IS_CAUSAL, IS_DROPOUT.
+// Injected by the launcher: BLOCK_M (Br, queries), BLOCK_N (Bc, keys), STAGES, IS_CAUSAL, IS_DROPOUT,
+// IS_SOFTCAP.
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kStages = STAGES;

@@ -28,7 +28,8 @@
 #include "params.cuh"
 
 // Injected by the launcher: BLOCK_M (Br, query rows), BLOCK_N (Bc, keys), NWARPS, SDP_WM, KV_WM,
-// DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile).
+// DQ_WM (warps along the rows of each GEMM), DQ_ATOMIC, DQ_BLOCK_N (keys per flash_bwd_dq tile),
+// IS_CAUSAL, IS_DROPOUT, IS_SOFTCAP.
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kThreads = NWARPS * 32;
@@ -129,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __gr
             warp_gemm_ss<GridSdP::kMT, GridSdP::kNT, HEAD_DIM, false, false>(acc_dp, sV + r0 * kPitch, kPitch, sdOi + c0 * kPitch, kPitch);
             softmax_backward(acc_s, acc_dp, sLse2i, sDsumi, r0, c0, m0, n0, params.seqlen_k, diag,
                              tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), params.drop.rng, batch * params.num_heads + head,
-                             params.scale_log2);
+                             params.scale_log2, params.softcap_scale);
             store_acc(sPt + r0 * kPitchP + c0, kPitchP, acc_s, 1.f);
             store_acc(sdSt + r0 * kPitchP + c0, kPitchP, acc_dp, 1.f);
         }
@@ -246,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(kDqThreads) flash_bwd_dq(const __gr
         warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
         warp_gemm_ss<1, kDqNT, HEAD_DIM, false, false>(acc_dp, sdO + warp_row0 * kPitch, kPitch, sVj, kPitch);
         // dS = P * (dP - D) with P = exp2(S * params.scale_log2 - params.lse2), 0 where invisible
-        // (dS' = P * (dP * Z - D') with dropout)
+        // (dS' = P * (dP * Z - D') with dropout; times the cap's derivative with softcap)
         const bool need_mask = tile_needs_mask(m0, n0, kDqBlockN, params.seqlen_k, diag);
         const dropout::Rng rng = params.drop.rng;
 #pragma unroll
@@ -255,9 +256,11 @@ extern "C" __global__ void __launch_bounds__(kDqThreads) flash_bwd_dq(const __gr
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = m0 + warp_row0 + acc_row(0, e), key = n0 + acc_col(nt, e);
-                float p = ptx::exp2_approx(fmaf(acc_s[0][nt][e], params.scale_log2, -row_lse2[e / 2]));
+                float dcap = 1.f;
+                float p = recomputed_prob(acc_s[0][nt][e], params.scale_log2, row_lse2[e / 2], params.softcap_scale, dcap);
                 if (need_mask && !visible(row, key, params.seqlen_k, diag)) p = 0.f;
-                acc_dp[0][nt][e] = p * ((keep >> e & 1 ? acc_dp[0][nt][e] : 0.f) - row_dsum[e / 2]);
+                const float ds = p * ((keep >> e & 1 ? acc_dp[0][nt][e] : 0.f) - row_dsum[e / 2]);
+                acc_dp[0][nt][e] = IS_SOFTCAP ? ds * dcap : ds;
             }
         }
         // dQ_i += dS K_j

@@ -62,7 +62,8 @@ __device__ __forceinline__ void consume_keys(const DkDvCta& cta, const ConsumerT
         fence_regs(acc_s);
         fence_regs(acc_dp);
         softmax_backward(acc_s, acc_dp, stats, stats + kBlockM, warp_key0, 0, m0, n0, params.seqlen_k, diag,
-                         tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), rng, batch * params.num_heads + head, params.scale_log2);
+                         tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), rng, batch * params.num_heads + head, params.scale_log2,
+                         params.softcap_scale);
 
         // dV += P^T dO_i; dS^T goes to shared memory for dQ while that GEMM runs.
         unsigned pt[1][kBlockM / 16][4], dst[1][kBlockM / 16][4];

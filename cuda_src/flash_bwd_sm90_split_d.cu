@@ -58,7 +58,7 @@ __device__ __forceinline__ void consume_split_d(const DkDvCta& cta) {
         float signed_p[1][kBlockM / 8][4];
         if (wg == 0) {
             probs(acc_x, signed_p, stats, warp_key0, 0, m0, n0, params.seqlen_k, diag, tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag), rng,
-                  batch * params.num_heads + head, params.scale_log2);
+                  batch * params.num_heads + head, params.scale_log2, params.softcap_scale);
 #pragma unroll
             for (int nt = 0; nt < kBlockM / 8; ++nt)
                 px[nt * 128] = make_float4(signed_p[0][nt][0], signed_p[0][nt][1], signed_p[0][nt][2], signed_p[0][nt][3]);

@@ -11,7 +11,7 @@
 #include "online_softmax.cuh"
 #include "params.cuh"
 
-// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL, IS_DROPOUT.
+// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), NWARPS, STAGES, IS_CAUSAL, IS_DROPOUT, IS_SOFTCAP.
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kStages = STAGES;  // K/V tiles in flight: tile j+1.. loads while tile j computes
@@ -97,6 +97,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_fwd(const __grid_co
         zero(acc_s);
         warp_gemm_ss<kMT, kNT, HEAD_DIM, false, false>(acc_s, sQ + warp_row0 * kPitch, kPitch, sKj, kPitch);
 
+        if (IS_SOFTCAP) cap_scores(acc_s, params.softcap_scale);
         if (tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, params.seqlen_k, diag);
         float alpha[kMT][2];
         softmax_update(acc_s, m_i, l_i, alpha, params.scale_log2);

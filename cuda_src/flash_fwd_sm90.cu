@@ -32,7 +32,7 @@
 #error "flash_fwd_sm90.cu needs -arch=sm_90a"
 #endif
 
-// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), STAGES, O_STAGED, IS_CAUSAL, IS_DROPOUT.
+// Injected by the launcher: BLOCK_M (Br), BLOCK_N (Bc), STAGES, O_STAGED, IS_CAUSAL, IS_DROPOUT, IS_SOFTCAP.
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kStages = STAGES;
@@ -215,6 +215,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
             auto softmax = [&](int t) {      // S_t -> P_t in place; m, l updated, alpha left for O
                 fence_regs(acc_s);
                 const int n0 = key0(t);
+                if (IS_SOFTCAP) cap_scores(acc_s, params.softcap_scale);
                 if (tile_needs_mask(m0, n0, kBlockN, params.seqlen_k, diag)) mask_scores(acc_s, m0 + warp_row0, n0, params.seqlen_k, diag);
                 softmax_update(acc_s, m_i, l_i, alpha, params.scale_log2);
                 if (IS_DROPOUT) drop_scores(acc_s, rng, bh, m0 + warp_row0, n0);

@@ -8,6 +8,18 @@
 
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Softcap (IS_SOFTCAP): S becomes tanh(S * softmax_scale / softcap), the capped score over
+// softcap, before the mask; the softmax's scale_log2 is then softcap * log2(e).
+template <int MT, int NT>
+__device__ __forceinline__ void cap_scores(float (&s)[MT][NT][4], float softcap_scale) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nt][e] = ptx::tanh_approx(s[mt][nt][e] * softcap_scale);
+}
+
 // S = -inf where the key is invisible (past seqlen_k, or right of the causal diagonal); row0 is
 // the warp's first query row, n0 the tile's first key.
 template <int MT, int NT>

@@ -41,8 +41,9 @@ struct FwdParams {
     int seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim;
     int num_m_blocks;
     int num_bh, tail_heads;  // sm_90a: the tile schedule (cuflash/schedule.py: persistent_tail_heads)
-    float scale_log2;        // softmax_scale * log2(e)
+    float scale_log2;        // softmax_scale * log2(e); IS_SOFTCAP: softcap * log2(e)
     DropoutParams drop;
+    float softcap_scale;     // IS_SOFTCAP: softmax_scale / softcap (last: the fields above keep their offsets)
 };
 
 // Every backward kernel: flash_bwd_preprocess, the dK/dV kernels (flash_bwd_dkdv,
@@ -79,10 +80,11 @@ struct BwdParams {
     int num_dq_tiles;     // sm_90a: batch * num_heads * m blocks of the tiled dQ accumulator
     int num_converters;   // sm_90a: converter CTAs at the end of the dK/dV grid
     int flush_every;      // DKDV_FLUSH: Q tiles between flushes
-    float scale_log2;     // softmax_scale * log2(e)
+    float scale_log2;     // softmax_scale * log2(e); IS_SOFTCAP: softcap * log2(e)
     float ds_scale;       // softmax_scale / (1 - p): the scale of dK and dQ
     float d_scale;        // 1 - p: the preprocess's factor of D
     DropoutParams drop;
+    float softcap_scale;  // IS_SOFTCAP: softmax_scale / softcap (last: the fields above keep their offsets)
 };
 
 // The tensor maps of the sm_90a kernels, their second parameter: q, k, v and o (forward) or dO

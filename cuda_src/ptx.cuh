@@ -50,6 +50,13 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const un
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// tanh(x) on the SFU (max relative error 2^-10.987), as flash-attn's softcap uses it.
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // 2^x on the SFU; flushes denormals, exact 0 for -inf.
 __device__ __forceinline__ float exp2_approx(float x) {
     float y;

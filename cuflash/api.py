@@ -10,7 +10,8 @@ from . import device as device_
 from . import dropout, interop, jax_ops, ops, plan, torch_ops, validate
 
 
-def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, dropout_p=0.0, seed=None, offset=0):
+def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, dropout_p=0.0, seed=None, offset=0,
+            softcap=0.0):
     """Exact attention O = softmax(Q K^T * scale [+ causal mask]) V and its log-sum-exp.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
@@ -28,23 +29,27 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
     dropout_p in [0, 1) drops entries of P with the keep mask of (seed, offset) (an int seed is
     then required; dropout_mask materialises the same mask) and scales the kept ones by
     1 / (1 - dropout_p); lse stays that of the undropped P. backward needs the same three values.
+
+    softcap > 0 caps the scores as Gemma 2 does: S = Q K^T * scale becomes softcap * tanh(S /
+    softcap) before the mask and the softmax (lse is that of the capped scores).
     """
-    return ops.forward(q, k, v, softmax_scale, causal, out, tile, dropout_p=dropout_p, seed=seed, offset=offset)
+    return ops.forward(q, k, v, softmax_scale, causal, out, tile, dropout_p=dropout_p, seed=seed, offset=offset,
+                       softcap=softcap)
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, deterministic=False, tile=None, *,
-             dropout_p=0.0, seed=None, offset=0):
+             dropout_p=0.0, seed=None, offset=0, softcap=0.0):
     """Gradients (dq, dk, dv) of attention, from the forward's inputs, output and lse.
 
     dout and out are shaped like q; lse is the forward's float32 (batch, nheads, seqlen_q).
     dk and dv are summed over each group of query heads that shares a kv head (MQA/GQA).
     deterministic=True uses no floating-point atomics, so repeated calls give bitwise-equal
     gradients (dQ then takes a second pass over K and V). `tile` (a plan.BwdTile) overrides the
-    tile table. dropout_p, seed and offset must be the forward's: the kernels regenerate its
-    keep mask. Results come back in the caller's framework.
+    tile table. dropout_p, seed, offset and softcap must be the forward's: the kernels regenerate
+    its keep mask and its capped scores. Results come back in the caller's framework.
     """
     return ops.backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, tile, dropout_p=dropout_p,
-                        seed=seed, offset=offset)
+                        seed=seed, offset=offset, softcap=softcap)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -57,9 +62,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     and JAX arrays (jax.grad, jax.jit); lse is not differentiable (a gradient reaching it raises).
     deterministic=True makes the backward bitwise reproducible. CuPy arrays get the forward only.
     A head dim that is not a multiple of 8 is zero-padded to one inside, as flash-attn does.
-    window_size, softcap and alibi_slopes are accepted at their defaults (no window, no cap, no
-    bias); other values raise NotImplementedError, as does return_attn_probs with dropout (use
-    return_lse and cuflash.dropout_mask).
+    softcap > 0 caps the scores (softcap * tanh(S / softcap), Gemma 2), forward and backward.
+    window_size and alibi_slopes are accepted at their defaults (no window, no bias); other
+    values raise NotImplementedError, as does return_attn_probs with dropout (use return_lse and
+    cuflash.dropout_mask).
 
     Dropout (dropout_p > 0) draws its mask from `seed`, or without one: for torch tensors from
     torch's CUDA generator (so torch.manual_seed reproduces a run and each call draws a new
@@ -70,7 +76,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     causal = validate.flag("causal", causal)
     deterministic = validate.flag("deterministic", deterministic)
     validate.window_size(window_size)
-    validate.softcap(softcap)
+    softcap = validate.softcap(softcap)
     validate.not_yet("alibi_slopes", alibi_slopes, None)
     if return_attn_probs:
         validate.flag("return_attn_probs", return_attn_probs)
@@ -80,25 +86,26 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                       "cuflash.dropout_mask(q, k, dropout_p, seed) for the keep mask")
     head_dim = _last_dim(q)
     if head_dim % 8 and head_dim < plan.MAX_HEAD_DIM and interop.framework_of(q) is not None:
-        o, lse = _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, seed)
+        o, lse = _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, seed, softcap)
     else:
-        o, lse = _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+        o, lse = _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap)
     if return_attn_probs:
         return o, lse, None
     return (o, lse) if validate.flag("return_lse", return_lse) else o
 
 
-def _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+def _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap):
     """(o, lse) through the autograd adapter of q's framework."""
     framework = interop.framework_of(q)
     if framework == "torch":
-        return torch_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+        return torch_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap)
     if framework == "jax":
-        return jax_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+        return jax_ops.attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap)
     # CuPy arrays (and anything else, which ops.forward refuses by name): no autograd
     if dropout_p > 0 and seed is None:
         seed = dropout.random_seed()
-    return ops.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p, seed=seed)
+    return ops.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p, seed=seed,
+                       softcap=softcap)
 
 
 def _last_dim(x):
@@ -107,7 +114,7 @@ def _last_dim(x):
     return shape[-1] if shape is not None and len(shape) == 4 else 0
 
 
-def _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, seed):
+def _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, seed, softcap):
     """_attention with q, k and v zero-padded to the next multiple of 8 in the head dim (the
     kernels move 16-byte rows), and O cut back; the zeros change no score, and the scale stays
     that of the true head dim."""
@@ -117,7 +124,7 @@ def _padded(q, k, v, head_dim, softmax_scale, causal, deterministic, dropout_p, 
     if _last_dim(k) != head_dim or _last_dim(v) != head_dim:
         raise ValueError(f"k and v must have q's head dim {head_dim}; got {_last_dim(k)} and {_last_dim(v)}")
     q, k, v = (interop.pad_last(x, width) for x in (q, k, v))
-    o, lse = _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed)
+    o, lse = _attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap)
     return o[..., :head_dim], lse
 
 
@@ -158,11 +165,11 @@ def dropout_mask(q, k, dropout_p, seed, offset=0):
 
 
 def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, True), device=None, *,
-           backward=False, dropout=False):
+           backward=False, dropout=False, softcap=False):
     """Compile, ahead of the first call, the kernels that calls with these dtypes, head dims and
     causal flags get on `device` (default: the current one): the forwards, and with
     backward=True the backwards (deterministic=False) too; dropout=True adds the dropout
-    variants. NVRTC runs in one thread per CPU core; compiled kernels go to the kernel cache
+    variants, softcap=True the softcap ones. NVRTC runs in one thread per CPU core; compiled kernels go to the kernel cache
     (cuflash.cache_dir()), so later processes load them in milliseconds. Returns the seconds it
     took."""
     device_id = device_.current() if device is None else int(device)
@@ -170,13 +177,15 @@ def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, T
     compile_.check_supported(device_id)
     limit, hopper = device_.smem_limit(device_id), device_.use_hopper(device_id)
     programs = set()
-    for dtype, head_dim, is_causal, drop in itertools.product(dtypes, head_dims, causal, {False, bool(dropout)}):
-        variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=limit, dropout=drop, hopper=hopper)
+    for dtype, head_dim, is_causal, drop, cap in itertools.product(dtypes, head_dims, causal, {False, bool(dropout)},
+                                                                   {False, bool(softcap)}):
+        variant = plan.forward_variant(dtype, head_dim, is_causal, smem_limit=limit, dropout=drop, hopper=hopper,
+                                       softcap=cap)
         programs.add(compile_.forward_program(variant))
         if backward:
             try:
                 variant = plan.backward_variant(dtype, head_dim, is_causal, False, smem_limit=limit, dropout=drop,
-                                                hopper=hopper)
+                                                hopper=hopper, softcap=cap)
             except ValueError:  # a head dim whose backward does not fit this GPU (d > 192 on 99 KB)
                 continue
             programs.add(compile_.backward_program(variant))

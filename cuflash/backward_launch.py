@@ -11,7 +11,7 @@ import threading
 from . import compile as compile_
 from . import dropout, params, plan, schedule, tma
 from .device import check_arch, hopper_runs, sm_count, smem_limit
-from .forward_launch import INT32_MAX, LOG2E
+from .forward_launch import INT32_MAX, score_scales
 from .launch import allow_dynamic_smem, launch
 
 ROWS_PER_BLOCK = 16  # preprocess and convert_dq: 4 warps of 4 rows per block (bwd_passes.cuh)
@@ -19,8 +19,8 @@ CONVERT_TILES_PER_BLOCK = 8  # flash_bwd_convert_dq_tiles: dQ tiles (converted o
 
 
 def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None,
-                    dropout_p=0.0, seed=0, offset=0):
-    """dQ, dK, dV of attention (with the forward's dropout_p, seed and offset) on CuPy's current
+                    dropout_p=0.0, seed=0, offset=0, softcap=0.0):
+    """dQ, dK, dV of attention (with the forward's dropout_p, seed, offset and softcap) on CuPy's current
     device and on `stream` (a raw CUDA stream).
 
     Arguments are interop.ArrayInfo descriptions of validated, 16-byte aligned, non-empty arrays:
@@ -34,7 +34,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     device_id = cupy.cuda.get_device_id()
     variant = plan.backward_variant(q.dtype, head_dim, causal, deterministic, tile, smem_limit(device_id),
-                                    dropout=dropout_p > 0, hopper=hopper_runs(device_id, q, k, v, dout))
+                                    dropout=dropout_p > 0, hopper=hopper_runs(device_id, q, k, v, dout), softcap=softcap > 0)
     flush_every = schedule.dkdv_flush_every(variant.tile, nheads // nheads_k, seqlen_q)
     if flush_every:
         variant = dataclasses.replace(variant, flush=True)
@@ -80,7 +80,7 @@ def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, 
         "seqlen_q": seqlen_q, "seqlen_q_pad": seqlen_q_pad, "seqlen_k": seqlen_k, "num_heads": nheads,
         "num_heads_k": nheads_k, "head_dim": head_dim, "num_m_blocks": m_blocks, "num_n_blocks": n_blocks,
         "rows_total": rows, "num_dq_tiles": num_tiles, "num_converters": converters, "flush_every": flush_every,
-        "scale_log2": softmax_scale * LOG2E, "ds_scale": softmax_scale / (1.0 - dropout_p), "d_scale": 1.0 - dropout_p,
+        **score_scales(softmax_scale, softcap), "ds_scale": softmax_scale / (1.0 - dropout_p), "d_scale": 1.0 - dropout_p,
         "seed_lo": seed_lo, "seed_hi": seed_hi, "offset": offset, **dropout.static_kernel_args(dropout_p)})
     row_blocks = -(-rows // ROWS_PER_BLOCK)
     function, _ = kernels["flash_bwd_preprocess"]

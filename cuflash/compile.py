@@ -84,7 +84,7 @@ def _program(file, variant, names, layouts, arch=None, **defines):
     tile = variant.tile
     defines = {"HEAD_DIM": variant.head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                "NWARPS": tile.threads // 32, "IS_CAUSAL": int(variant.causal), "IS_DROPOUT": int(variant.dropout),
-               "IS_BF16": int(variant.dtype == "bfloat16"), **defines}
+               "IS_SOFTCAP": int(variant.softcap), "IS_BF16": int(variant.dtype == "bfloat16"), **defines}
     return Program(file, tuple(names), tuple(defines.items()), arch, layouts)
 
 

@@ -35,14 +35,23 @@ _RNG_AT, _RNG = params.FWD.run(("seed_lo", "seed_hi", "offset"))
 _MAP_BYTES = 128
 
 
-def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=None):
+def score_scales(softmax_scale, softcap):
+    """The kernels' scale_log2 and softcap_scale: without a cap the softmax runs on S * scale
+    in log2 units; with one (softcap > 0) on t = tanh(S * scale / softcap), with softcap * log2(e)
+    as t's scale (cuda_src/online_softmax.cuh: cap_scores)."""
+    if softcap:
+        return {"scale_log2": softcap * LOG2E, "softcap_scale": softmax_scale / softcap}
+    return {"scale_log2": softmax_scale * LOG2E, "softcap_scale": 0.0}
+
+
+def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=None, softcap=0.0):
     """The ForwardPlan of attention over arrays described by q, k, v, o (interop.ArrayInfo of
     validated, 16-byte aligned, non-empty arrays: q, o (batch, seqlen_q, nheads, d); k, v (batch,
     seqlen_k, nheads_k, d)) on device_id; pointers are not read."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     variant = plan.forward_variant(q.dtype, head_dim, causal, tile, smem_limit(device_id), dropout=dropout_p > 0,
-                                   hopper=hopper_runs(device_id, q, k, v, o))
+                                   hopper=hopper_runs(device_id, q, k, v, o), softcap=softcap > 0)
     check_arch(variant, device_id)
     kernel, smem = _prepare(variant, device_id)
     m_blocks = plan.num_m_blocks(seqlen_q, variant.tile)
@@ -51,7 +60,7 @@ def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=N
         raise ValueError(f"problem too large for one launch: {tiles} tiles, seqlens {seqlen_q} and {seqlen_k}")
     static = {**params.strides("q", q), **params.strides("k", k), **params.strides("v", v), **params.strides("o", o),
               "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "num_heads": nheads, "num_heads_k": nheads_k,
-              "head_dim": head_dim, "num_m_blocks": m_blocks, "scale_log2": softmax_scale * LOG2E,
+              "head_dim": head_dim, "num_m_blocks": m_blocks, **score_scales(softmax_scale, softcap),
               **dropout.static_kernel_args(dropout_p)}
     grid, maps = tiles, ()
     if plan.is_hopper(variant):

@@ -16,12 +16,12 @@ import numpy as np
 
 from . import interop, ops, validate
 
-def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap=0.0):
     infos = [_describe_jax(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     validate.check_qkv(*infos)
     scale = validate.softmax_scale(softmax_scale, infos[0].shape[3])
     seed = _jax_seed(seed, dropout_p)
-    return tuple(_jax_custom_vjp()(q, k, v, seed, scale, causal, deterministic, dropout_p))
+    return tuple(_jax_custom_vjp()(q, k, v, seed, scale, causal, deterministic, dropout_p, softcap))
 
 
 def _jax_seed(seed, dropout_p):
@@ -77,16 +77,16 @@ def _jax_custom_vjp():
     from jax.custom_derivatives import SymbolicZero
 
     # seed is an integer operand: its cotangent is None
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-    def flash(q, k, v, seed, softmax_scale, causal, deterministic, dropout_p):
-        return _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+    def flash(q, k, v, seed, softmax_scale, causal, deterministic, dropout_p, softcap):
+        return _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p, softcap)
 
-    def flash_fwd(q, k, v, seed, softmax_scale, causal, deterministic, dropout_p):
+    def flash_fwd(q, k, v, seed, softmax_scale, causal, deterministic, dropout_p, softcap):
         q, k, v, seed = (x.value for x in (q, k, v, seed))  # symbolic_zeros: primals come wrapped
-        out, lse = _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p)
+        out, lse = _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p, softcap)
         return (out, lse), (q, k, v, seed, out, lse)
 
-    def flash_bwd(softmax_scale, causal, deterministic, dropout_p, residuals, cotangents):
+    def flash_bwd(softmax_scale, causal, deterministic, dropout_p, softcap, residuals, cotangents):
         dout, dlse = cotangents
         if not isinstance(dlse, SymbolicZero):
             raise NotImplementedError(validate.LSE_GRAD_MESSAGE)
@@ -94,35 +94,37 @@ def _jax_custom_vjp():
         if isinstance(dout, SymbolicZero):
             return tuple(jax.numpy.zeros_like(x) for x in (q, k, v)) + (None,)
         return _jax_backward(dout.astype(q.dtype), q, k, v, seed, out, lse, softmax_scale, causal, deterministic,
-                             dropout_p) + (None,)
+                             dropout_p, softcap) + (None,)
 
     flash.defvjp(flash_fwd, flash_bwd, symbolic_zeros=True)
     return flash
 
 
-def _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p):
+def _jax_forward(q, k, v, seed, softmax_scale, causal, dropout_p, softcap):
     if not _is_tracer(q, k, v, seed):
         return ops.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p,
-                           seed=_seed_int(seed, dropout_p))
+                           seed=_seed_int(seed, dropout_p), softcap=softcap)
     import jax
     import jax.numpy as jnp
 
     batch, seqlen_q, nheads, _ = q.shape
     results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, nheads, seqlen_q), jnp.float32))
-    run = _buffer_callback(_forward_callback, results, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p)
+    run = _buffer_callback(_forward_callback, results, softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p,
+                           softcap=softcap)
     return tuple(run(q, k, v, jnp.asarray(seed)))
 
 
-def _jax_backward(dout, q, k, v, seed, out, lse, softmax_scale, causal, deterministic, dropout_p):
+def _jax_backward(dout, q, k, v, seed, out, lse, softmax_scale, causal, deterministic, dropout_p, softcap):
     if not _is_tracer(dout, q, k, v, seed, out, lse):
         return tuple(ops.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                                  deterministic=deterministic, dropout_p=dropout_p, seed=_seed_int(seed, dropout_p)))
+                                  deterministic=deterministic, dropout_p=dropout_p, seed=_seed_int(seed, dropout_p),
+                                  softcap=softcap))
     import jax
     import jax.numpy as jnp
 
     results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     run = _buffer_callback(_backward_callback, results, softmax_scale=softmax_scale, causal=causal,
-                           deterministic=deterministic, dropout_p=dropout_p)
+                           deterministic=deterministic, dropout_p=dropout_p, softcap=softcap)
     return tuple(run(dout, q, k, v, jnp.asarray(seed), out, lse))
 
 
@@ -141,7 +143,7 @@ def _bound(callback, **params):
     return functools.partial(callback, **params)
 
 
-def _forward_callback(ctx, results, q, k, v, seed, *, softmax_scale, causal, dropout_p):
+def _forward_callback(ctx, results, q, k, v, seed, *, softmax_scale, causal, dropout_p, softcap):
     """Runs when XLA executes the forward: O is written into XLA's result buffer in place; lse
     is copied into its buffer on the same stream. A traced dropout seed is read on the host (a
     wait on XLA's stream)."""
@@ -150,18 +152,19 @@ def _forward_callback(ctx, results, q, k, v, seed, *, softmax_scale, causal, dro
         o_view, lse_view = _cupy_view(out), _cupy_view(lse)
         seed = _seed_int(_cupy_view(seed), dropout_p)
         _, lse_new = ops.forward(*(_cupy_view(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-                                 out=o_view, dropout_p=dropout_p, seed=seed)
+                                 out=o_view, dropout_p=dropout_p, seed=seed, softcap=softcap)
         lse_view[...] = lse_new
 
 
 def _backward_callback(ctx, results, dout, q, k, v, seed, out, lse, *, softmax_scale, causal, deterministic,
-                       dropout_p):
+                       dropout_p, softcap):
     """Runs when XLA executes the backward: dq, dk, dv are copied into XLA's result buffers on
     XLA's stream."""
     with _on_xla_stream(ctx, q):
         seed = _seed_int(_cupy_view(seed), dropout_p)
         grads = ops.backward(*(_cupy_view(x) for x in (dout, q, k, v, out, lse)), softmax_scale=softmax_scale,
-                             causal=causal, deterministic=deterministic, dropout_p=dropout_p, seed=seed)
+                             causal=causal, deterministic=deterministic, dropout_p=dropout_p, seed=seed,
+                             softcap=softcap)
         for buffer, grad in zip(results, grads):
             _cupy_view(buffer)[...] = grad
 

@@ -37,25 +37,27 @@ def clear_plan_cache():
             cache.clear()
 
 
-def forward_plan(q, k, v, o, softmax_scale, causal, dropout_p, tile=None):
+def forward_plan(q, k, v, o, softmax_scale, causal, dropout_p, tile=None, softcap=0.0):
     """The ForwardPlan of validated, aligned, non-empty arrays described by q, k, v, o (on q's
     device), from the cache when this signature was planned before."""
     key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, o.strides, q.dtype, q.device, softmax_scale,
-           causal, dropout_p, tile, device.use_hopper(q.device))
+           causal, dropout_p, tile, device.use_hopper(q.device), softcap)
     fplan = _plans.get(key)
     if fplan is None:
-        fplan = plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, q.device, tile)
+        fplan = plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, q.device, tile, softcap)
         remember_plan(_plans, key, fplan)
     return fplan
 
 
-def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, dropout_p=0.0, seed=None, offset=0):
+def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, dropout_p=0.0, seed=None, offset=0,
+            softcap=0.0):
     """api.forward (its docstring says what it computes), on any supported framework's arrays."""
     q_info, k_info, v_info = (interop.describe(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     validate.check_qkv(q_info, k_info, v_info)
     causal = validate.flag("causal", causal)
     dropout_p = validate.dropout_p(dropout_p)
     seed, offset = validate.seed(seed, dropout_p), validate.offset(offset)
+    softcap = validate.softcap(softcap)
     batch, seqlen_q, nheads, head_dim = q_info.shape
     scale = validate.softmax_scale(softmax_scale, head_dim)
     if out is not None:
@@ -79,7 +81,7 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
             operands = [(x, info) if validate.is_aligned(info) else interop.contiguous_copy(x, info)
                         for x, info in operands]
             q_i, k_i, v_i = (info for _, info in operands)
-            fplan = forward_plan(q_i, k_i, v_i, o_info, scale, causal, dropout_p, tile)
+            fplan = forward_plan(q_i, k_i, v_i, o_info, scale, causal, dropout_p, tile, softcap)
             counter = work_counters.take(q_info.device, stream) if fplan.maps else 0
             if fplan.maps and not counter:
                 # A graph capture: the counter is zeroed here, in the graph. `keep` holds it until the
@@ -93,7 +95,7 @@ def forward(q, k, v, softmax_scale=None, causal=False, out=None, tile=None, *, d
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, deterministic=False, tile=None, *,
-             dropout_p=0.0, seed=None, offset=0):
+             dropout_p=0.0, seed=None, offset=0, softcap=0.0):
     """api.backward (its docstring says what it computes), on any supported framework's arrays."""
     names = ("dout", "q", "k", "v", "out", "lse")
     arrays = (dout, q, k, v, out, lse)
@@ -106,6 +108,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, determin
     deterministic = validate.flag("deterministic", deterministic)
     dropout_p = validate.dropout_p(dropout_p)
     seed, offset = validate.seed(seed, dropout_p), validate.offset(offset)
+    softcap = validate.softcap(softcap)
     scale = validate.softmax_scale(softmax_scale, q_info.shape[3])
     validate.tile(tile, q_info.dtype, q_info.shape[3], causal, dropout_p > 0, deterministic)
 
@@ -126,7 +129,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, determin
                 lse_array, lse_info = interop.contiguous_copy(lse_array, lse_info)
             dout_i, q_i, k_i, v_i, out_i = (info for _, info in operands)
             launch_backward(dout_i, q_i, k_i, v_i, out_i, lse_info, dq, dk, dv, scale, causal, deterministic, empty,
-                            stream, tile, dropout_p, seed, offset)
+                            stream, tile, dropout_p, seed, offset, softcap)
     return tuple(interop.export(native, q_info.framework) for native in (native_dq, native_dk, native_dv))
 
 

@@ -85,7 +85,7 @@ FWD = Layout("FwdParams", [
     ("q", "P"), ("k", "P"), ("v", "P"), ("o", "P"), ("lse", "P"), ("unit_counter", "P"),
     *_strides("q", "k", "v", "o"),
     ("seqlen_q", "i"), ("seqlen_k", "i"), ("num_heads", "i"), ("num_heads_k", "i"), ("head_dim", "i"),
-    ("num_m_blocks", "i"), ("num_bh", "i"), ("tail_heads", "i"), ("scale_log2", "f"), *_DROPOUT])
+    ("num_m_blocks", "i"), ("num_bh", "i"), ("tail_heads", "i"), ("scale_log2", "f"), *_DROPOUT, ("softcap_scale", "f")])
 
 BWD = Layout("BwdParams", [
     ("q", "P"), ("k", "P"), ("v", "P"), ("o", "P"), ("dout", "P"), ("dq", "P"), ("dk", "P"), ("dv", "P"),
@@ -95,7 +95,7 @@ BWD = Layout("BwdParams", [
     ("seqlen_q", "i"), ("seqlen_q_pad", "i"), ("seqlen_k", "i"), ("num_heads", "i"), ("num_heads_k", "i"),
     ("head_dim", "i"), ("num_m_blocks", "i"), ("num_n_blocks", "i"), ("rows_total", "i"), ("num_dq_tiles", "i"),
     ("num_converters", "i"), ("flush_every", "i"), ("scale_log2", "f"), ("ds_scale", "f"), ("d_scale", "f"),
-    *_DROPOUT])
+    *_DROPOUT, ("softcap_scale", "f")])
 
 TMA_MAPS = Layout("TmaMaps", [("q", "s"), ("k", "s"), ("v", "s"), ("o_or_do", "s")])
 

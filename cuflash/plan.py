@@ -76,6 +76,7 @@ class FwdVariant:
     causal: bool
     tile: FwdTile
     dropout: bool = False
+    softcap: bool = False  # scores capped by softcap * tanh(S / softcap) (IS_SOFTCAP)
 
 
 # Forward tiles per head-dim bucket, for a GPU with >= 160 KB of shared memory per block (sm_80,
@@ -167,8 +168,8 @@ def fit_tile(tile, head_dim, smem_limit):
     return tile
 
 
-def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout=False, hopper=False):
-    """The variant that runs (dtype, caller's head_dim, causal, dropout) on a GPU with smem_limit
+def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout=False, hopper=False, softcap=False):
+    """The variant that runs (dtype, caller's head_dim, causal, dropout, softcap) on a GPU with smem_limit
     bytes of opt-in shared memory per block: the sm_90a kernel if `hopper` and the bucket has
     one, else the portable one. `tile` overrides the table (and is then not shrunk); its type
     (FwdTile or HopperFwdTile) picks the kernel."""
@@ -180,16 +181,17 @@ def forward_variant(dtype, head_dim, causal, tile=None, smem_limit=None, dropout
         tile = FWD_DROPOUT_TILES.get(bucket, FWD_TILES[bucket]) if dropout else FWD_TILES[bucket]
         tile = tile if smem_limit is None else fit_tile(tile, bucket, smem_limit)
     tile.check(bucket)
-    return FwdVariant(dtype, bucket, bool(causal), tile, bool(dropout))
+    return FwdVariant(dtype, bucket, bool(causal), tile, bool(dropout), bool(softcap))
 
 
 def forward_variants():
     """Every forward variant the dispatcher can pick on any sm_80+ GPU (CI compiles each portable
     one for sm_80 and sm_90a, each Hopper one for sm_90a)."""
     limits = sorted(set(SMEM_OPTIN_BY_CC.values()))
-    return sorted({forward_variant(dtype, bucket, causal, smem_limit=limit, dropout=dropout, hopper=hopper)
+    return sorted({forward_variant(dtype, bucket, causal, smem_limit=limit, dropout=dropout, hopper=hopper, softcap=softcap)
                    for dtype in DTYPES for bucket in HEAD_DIM_BUCKETS for causal in (False, True)
-                   for dropout in (False, True) for limit in limits for hopper in (False, True)}, key=repr)
+                   for dropout in (False, True) for limit in limits for hopper in (False, True)
+                   for softcap in (False, True)}, key=repr)
 
 
 def is_hopper(variant):
@@ -296,6 +298,7 @@ class BwdVariant:
     tile: BwdTile
     dropout: bool = False
     flush: bool = False  # dK/dV accumulators flushed to float32 partial sums (dkdv_flush_every)
+    softcap: bool = False
 
 
 # Backward tiles per head-dim bucket, for an H100 (227 KB per block); fit_bwd_tile shrinks them.
@@ -382,7 +385,8 @@ def fit_bwd_tile(tile, head_dim, smem_limit):
                      "of shared memory per block")
 
 
-def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None, dropout=False, hopper=False):
+def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_limit=None, dropout=False, hopper=False,
+                     softcap=False):
     """The backward variant for (dtype, caller's head_dim, causal, deterministic, dropout) on a GPU
     with smem_limit bytes of shared memory per block: the sm_90a dK/dV kernel if `hopper`, not
     deterministic and the bucket has one. Where the head dim's own bucket cannot fit (d224 on
@@ -397,16 +401,16 @@ def backward_variant(dtype, head_dim, causal, deterministic, tile=None, smem_lim
         raise ValueError("tile: the sm_90a backward adds dQ tiles in no fixed order; deterministic=True needs a BwdTile")
     if tile is not None:
         tile.check(bucket)
-        return BwdVariant(dtype, bucket, *flags, tile, bool(dropout))
+        return BwdVariant(dtype, bucket, *flags, tile, bool(dropout), softcap=bool(softcap))
     if smem_limit is None:
-        return BwdVariant(dtype, bucket, *flags, BWD_TILES[bucket], bool(dropout))
+        return BwdVariant(dtype, bucket, *flags, BWD_TILES[bucket], bool(dropout), softcap=bool(softcap))
     for larger in HEAD_DIM_BUCKETS[HEAD_DIM_BUCKETS.index(bucket):]:
         try:
             tile = fit_bwd_tile(BWD_TILES[larger], larger, smem_limit)
         except ValueError as error:
             reason = error
             continue
-        return BwdVariant(dtype, larger, *flags, tile, bool(dropout))
+        return BwdVariant(dtype, larger, *flags, tile, bool(dropout), softcap=bool(softcap))
     raise reason
 
 
@@ -418,10 +422,10 @@ def backward_variants():
         for dtype in DTYPES:
             for bucket in HEAD_DIM_BUCKETS:
                 for causal in (False, True):
-                    for deterministic, dropout, hopper in itertools.product((False, True), repeat=3):
+                    for deterministic, dropout, hopper, softcap in itertools.product((False, True), repeat=4):
                         try:
                             variant = backward_variant(dtype, bucket, causal, deterministic, smem_limit=limit,
-                                                       dropout=dropout, hopper=hopper)
+                                                       dropout=dropout, hopper=hopper, softcap=softcap)
                         except ValueError:  # d > 192 backward does not fit 99 KB
                             continue
                         variants |= {variant, replace(variant, flush=True)}

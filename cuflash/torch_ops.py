@@ -23,7 +23,7 @@ import threading
 from . import dropout, interop, ops, validate, work_counters
 from .forward_launch import launch_forward
 
-def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap=0.0):
     """(o, lse) of flash_attn_func for torch tensors (flags validated by the caller)."""
     if not _torch_registered:
         register_torch_ops()
@@ -33,11 +33,11 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
     if torch.compiler.is_compiling():  # flash_fwd's fake implementation checks the tensors
         scale = validate.softmax_scale(softmax_scale, int(q.shape[-1]))
         seed = None if seed is None else _signed64(validate.seed(seed, dropout_p))  # the schema's int is signed
-        out, lse, _ = torch.ops.cuflash.flash_fwd(q, k, v, scale, causal, deterministic, dropout_p, seed)
+        out, lse, _ = torch.ops.cuflash.flash_fwd(q, k, v, scale, causal, deterministic, dropout_p, seed, softcap)
         return out, lse
     if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-        return EagerAttention.apply(q, k, v, (softmax_scale, causal, deterministic, dropout_p, seed))
-    out, lse, _ = _forward(q, k, v, softmax_scale, causal, dropout_p, seed)
+        return EagerAttention.apply(q, k, v, (softmax_scale, causal, deterministic, dropout_p, seed, softcap))
+    out, lse, _ = _forward(q, k, v, softmax_scale, causal, dropout_p, seed, softcap)
     return out, lse
 
 
@@ -46,7 +46,7 @@ def attention(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
 _signatures = ops.keep_plans_in({})  # tensor signature -> (ForwardPlan, device index, O and lse templates), validated
 
 
-def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
+def _forward(q, k, v, softmax_scale, causal, dropout_p, seed, softcap):
     """(out, lse, (seed, offset)) of an eager call: a known signature with 16-byte aligned
     tensors on the current device is launched straight from its plan; anything else goes
     through ops.forward, which validates it (and raises for bad input) and plans it."""
@@ -58,7 +58,7 @@ def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
     else:
         seed = 0
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device,
-           v.device, softmax_scale, causal, dropout_p)  # all a plan depends on, read without validating
+           v.device, softmax_scale, causal, dropout_p, softcap)  # all a plan depends on, read without validating
     known = _signatures.get(key)
     ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
     if known is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
@@ -75,13 +75,13 @@ def _forward(q, k, v, softmax_scale, causal, dropout_p, seed):
             launch_forward(fplan, *ptrs, out.data_ptr(), lse.data_ptr(), stream, seed, offset, counter)
             return out, lse, (seed, offset)
     out, lse = ops.forward(q.detach(), k.detach(), v.detach(), softmax_scale=softmax_scale, causal=causal,
-                           dropout_p=dropout_p, seed=seed, offset=offset)
+                           dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap)
     if not (ptrs[0] | ptrs[1] | ptrs[2]) & 15:
-        _remember(key, q, k, v, out, softmax_scale, causal, dropout_p)
+        _remember(key, q, k, v, out, softmax_scale, causal, dropout_p, softcap)
     return out, lse, (seed, offset)
 
 
-def _remember(key, q, k, v, out, softmax_scale, causal, dropout_p):
+def _remember(key, q, k, v, out, softmax_scale, causal, dropout_p, softcap):
     """Keep the plan of a validated, non-empty, 16-byte aligned call for its signature."""
     if 0 in q.shape or 0 in k.shape:
         return
@@ -89,7 +89,7 @@ def _remember(key, q, k, v, out, softmax_scale, causal, dropout_p):
     if not all(validate.is_aligned(info) for info in infos):
         return
     scale = validate.softmax_scale(softmax_scale, infos[0].shape[3])
-    fplan = ops.forward_plan(*infos, scale, causal, dropout_p)
+    fplan = ops.forward_plan(*infos, scale, causal, dropout_p, softcap=validate.softcap(softcap))
     batch, seqlen_q, nheads, _ = q.shape
     # Templates of O and lse: stride-0 views of 4 bytes, whose empty_like is C-contiguous memory of
     # their shape and dtype, allocated in half the host time of new_empty(shape, dtype=...).
@@ -107,8 +107,8 @@ def _eager_class():
 
         @staticmethod
         def forward(ctx, q, k, v, flags):  # flags in one argument: apply's cost grows with their count
-            softmax_scale, causal, deterministic, dropout_p, seed = flags
-            out, lse, rng = _forward(q, k, v, softmax_scale, causal, dropout_p, seed)
+            softmax_scale, causal, deterministic, dropout_p, seed, softcap = flags
+            out, lse, rng = _forward(q, k, v, softmax_scale, causal, dropout_p, seed, softcap)
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.flags, ctx.rng = flags, rng
             ctx.set_materialize_grads(False)
@@ -116,12 +116,12 @@ def _eager_class():
 
         @staticmethod
         def backward(ctx, dout, dlse):
-            softmax_scale, causal, deterministic, dropout_p, _ = ctx.flags
+            softmax_scale, causal, deterministic, dropout_p, _, softcap = ctx.flags
 
             def run(dout, q, k, v, out, lse):
                 return ops.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
                                     deterministic=deterministic, dropout_p=dropout_p, seed=ctx.rng[0],
-                                    offset=ctx.rng[1])
+                                    offset=ctx.rng[1], softcap=softcap)
 
             return _gradients(ctx, dout, dlse, ctx.saved_tensors, run) + (None,)
 
@@ -154,10 +154,10 @@ def register_torch_ops():
     """Register cuflash::flash_fwd and cuflash::flash_bwd with torch.library, and build the eager
     autograd node (once; imports torch).
 
-    flash_fwd(q, k, v, float softmax_scale, bool causal, bool deterministic, float dropout_p, int? seed)
-        -> (out, lse, rng_state)
+    flash_fwd(q, k, v, float softmax_scale, bool causal, bool deterministic, float dropout_p, int? seed,
+              float softcap=0.0) -> (out, lse, rng_state)
     flash_bwd(dout, q, k, v, out, lse, float softmax_scale, bool causal, bool deterministic,
-              float dropout_p, rng_state) -> (dq, dk, dv)
+              float dropout_p, rng_state, float softcap=0.0) -> (dq, dk, dv)
     softmax_scale is a resolved float (no None); deterministic is carried by flash_fwd for its
     backward; rng_state is the CPU int64 pair (seed, offset) the forward's dropout used (seed as a
     signed 64-bit value; torch's generator when seed is None). Returns True."""
@@ -186,18 +186,18 @@ def _define_torch_ops():
     @torch.library.custom_op(
         "cuflash::flash_fwd", mutates_args=(), device_types="cuda",
         schema="(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool deterministic,"
-               " float dropout_p, int? seed) -> (Tensor, Tensor, Tensor)")
-    def flash_fwd(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+               " float dropout_p, int? seed, float softcap=0.0) -> (Tensor, Tensor, Tensor)")
+    def flash_fwd(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap=0.0):
         offset = 0
         if dropout_p > 0 and seed is None:
             seed, offset = dropout.torch_seed_offset(q.device.index)
         seed = 0 if seed is None else seed % 2**64
         out, lse = ops.forward(q.detach(), k.detach(), v.detach(), softmax_scale=softmax_scale, causal=causal,
-                               dropout_p=dropout_p, seed=seed, offset=offset)
+                               dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap)
         return out, lse, torch.tensor([_signed64(seed), offset], dtype=torch.int64)
 
     @flash_fwd.register_fake
-    def _(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed):
+    def _(q, k, v, softmax_scale, causal, deterministic, dropout_p, seed, softcap=0.0):
         check_torch(q, k, v)
         batch, seqlen_q, nheads, _ = q.shape
         # out (batch, seqlen_q, nheads, d) like q, C-contiguous; lse float32 (batch, nheads, seqlen_q);
@@ -208,23 +208,25 @@ def _define_torch_ops():
     @torch.library.custom_op(
         "cuflash::flash_bwd", mutates_args=(), device_types="cuda",
         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale,"
-               " bool causal, bool deterministic, float dropout_p, Tensor rng_state) -> (Tensor, Tensor, Tensor)")
-    def flash_bwd(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, dropout_p, rng_state):
+               " bool causal, bool deterministic, float dropout_p, Tensor rng_state, float softcap=0.0)"
+               " -> (Tensor, Tensor, Tensor)")
+    def flash_bwd(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, dropout_p, rng_state, softcap=0.0):
         arrays = (x.detach() for x in (dout, q, k, v, out, lse))
         seed, offset = rng_state.tolist()
         return tuple(ops.backward(*arrays, softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
-                                  dropout_p=dropout_p, seed=seed, offset=offset))
+                                  dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap))
 
     @flash_bwd.register_fake
-    def _(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, dropout_p, rng_state):
+    def _(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, dropout_p, rng_state, softcap=0.0):
         # dq like q, dk and dv like k and v (summed over each GQA group), C-contiguous
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, softmax_scale, causal, deterministic, dropout_p, _ = inputs
+        q, k, v, softmax_scale, causal, deterministic, dropout_p, _, softcap = inputs
         out, lse, rng_state = output
         ctx.save_for_backward(q, k, v, out, lse, rng_state)
-        ctx.softmax_scale, ctx.causal, ctx.deterministic, ctx.dropout_p = softmax_scale, causal, deterministic, dropout_p
+        ctx.flags = (softmax_scale, causal, deterministic, dropout_p)
+        ctx.softcap = softcap
         # Unused outputs get None rather than zeros: a gradient on lse is then detectable.
         ctx.set_materialize_grads(False)
 
@@ -232,10 +234,9 @@ def _define_torch_ops():
         saved = ctx.saved_tensors
 
         def run(dout, q, k, v, out, lse):
-            return torch.ops.cuflash.flash_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal,
-                                               ctx.deterministic, ctx.dropout_p, saved[5])
+            return torch.ops.cuflash.flash_bwd(dout, q, k, v, out, lse, *ctx.flags, saved[5], ctx.softcap)
 
-        return _gradients(ctx, dout, dlse, saved, run) + (None,) * 5
+        return _gradients(ctx, dout, dlse, saved, run) + (None,) * 6
 
     flash_fwd.register_autograd(backward, setup_context=setup_context)
 

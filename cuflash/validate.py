@@ -138,11 +138,12 @@ def window_size(value):
 
 
 def softcap(value):
-    if value == 0.0 and type(value) in (float, int):
-        return
+    """The logit cap: scores S become softcap * tanh(S / softcap); 0 turns it off."""
+    if type(value) is float and 0.0 <= value < math.inf:  # the common case, before the ABC checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"softcap must be a finite real number >= 0 (0: off); got {value!r}")
-    not_yet("softcap", float(value), 0.0)
+    return float(value)
 
 
 def is_contiguous(info):

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import assert_2x, assert_backward_2x, torch_qkv
+from helpers import assert_2x, assert_backward_2x, assert_forward_2x, torch_qkv
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
@@ -158,6 +158,21 @@ def test_torch_return_attn_probs_is_flash_attns_triple(torch):
     assert probs is None and torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torch_softcap(torch, causal, compiled):
+    """softcap through flash_attn_func (flash-attn's 8th positional argument), eager and under
+    torch.compile: O and the gradients against the capped float64 reference."""
+    q, k, v = torch_qkv(torch, SHAPES[1], torch.bfloat16)
+    dout = torch.randn(q.shape, device="cuda").to(q.dtype)
+    attention = lambda q, k, v: cuflash.flash_attn_func(q, k, v, 0.0, 0.5, causal, (-1, -1), 3.0)  # noqa: E731
+    o = (torch.compile(attention, fullgraph=True) if compiled else attention)(q, k, v)
+    o.backward(dout)
+    qc, kc, vc, doc = (cupy.from_dlpack(x.detach()) for x in (q, k, v, dout))
+    assert_forward_2x(cupy.from_dlpack(o.detach()), None, qc, kc, vc, 0.5, causal, softcap=3.0)
+    assert_backward_2x([cupy.from_dlpack(x.grad) for x in (q, k, v)], doc, qc, kc, vc, 0.5, causal, softcap=3.0)
+
+
 def test_torch_deterministic_is_bitwise_reproducible(torch):
     q, k, v = torch_qkv(torch, SHAPES[1], torch.bfloat16)
     dout = torch.randn(q.shape, device="cuda").to(q.dtype)
@@ -200,12 +215,13 @@ def test_torch_ops_pass_opcheck(torch):
     """The fake implementations agree with the real ops (shapes, dtypes, strides), the schemas
     hold, autograd is registered, and AOT dispatch (dynamic shapes) works."""
     q, k, v = torch_qkv(torch, SHAPES[0], torch.float16, "bhsd", (False, False, False))
-    for dropout_p, seed in ((0.0, None), (0.25, 5)):  # an explicit seed: opcheck compares repeated runs
-        torch.library.opcheck(torch.ops.cuflash.flash_fwd.default, (q, k, v, 0.125, True, False, dropout_p, seed))
-        o, lse, rng_state = torch.ops.cuflash.flash_fwd(q, k, v, 0.125, True, False, dropout_p, seed)
+    # An explicit seed: opcheck compares repeated runs. softcap: the schemas' default, then a cap.
+    for dropout_p, seed, softcap in ((0.0, None, ()), (0.25, 5, (3.0,))):
+        torch.library.opcheck(torch.ops.cuflash.flash_fwd.default, (q, k, v, 0.125, True, False, dropout_p, seed, *softcap))
+        o, lse, rng_state = torch.ops.cuflash.flash_fwd(q, k, v, 0.125, True, False, dropout_p, seed, *softcap)
         dout = torch.randn(o.shape, device="cuda").to(o.dtype)
         torch.library.opcheck(torch.ops.cuflash.flash_bwd.default,
-                              (dout, q, k, v, o, lse, 0.125, True, False, dropout_p, rng_state))
+                              (dout, q, k, v, o, lse, 0.125, True, False, dropout_p, rng_state, *softcap))
 
 
 # --- JAX -----------------------------------------------------------------------------------------
@@ -243,6 +259,20 @@ def test_jax_grads(jax, shape, causal, dtype, mode):
     q, k, v = jax_qkv(jax, shape, dtype)
     grad = sum_loss(jax, causal)
     check_jax_grads((jax.jit(grad) if mode == "jit" else grad)(q, k, v), q, k, v, causal)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_jax_softcap_grads(jax, mode):
+    q, k, v = jax_qkv(jax, SHAPES[0], "bfloat16")
+
+    def loss(q, k, v):
+        return cuflash.flash_attn_func(q, k, v, causal=True, softcap=2.0).astype("float32").sum()
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    grads = (jax.jit(grad) if mode == "jit" else grad)(q, k, v)
+    qc, kc, vc = (cupy.from_dlpack(x) for x in (q, k, v))
+    dout = from_float32(cupy.ones(qc.shape, cupy.float32), q.dtype.name)
+    assert_backward_2x([cupy.from_dlpack(g) for g in grads], dout, qc, kc, vc, None, True, softcap=2.0)
 
 
 def test_jax_jit_runs_in_a_buffer_callback_and_matches_eager(jax):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from helpers import FAMILIES, assert_2x, assert_backward_2x, forward_path, problems, qkv, randn, rows_that_see_a_key
+from helpers import (FAMILIES, SOFTCAPS, assert_2x, assert_backward_2x, forward_path, problems, qkv, randn, rows_that_see_a_key,
+                     variant_softcap)
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
@@ -15,14 +16,15 @@ from cuflash.reference import attention_reference_backward  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def check_backward(q, k, v, causal, softmax_scale=None, deterministic=False, tile=None, layout="contiguous", seed=0):
+def check_backward(q, k, v, causal, softmax_scale=None, deterministic=False, tile=None, layout="contiguous", seed=0,
+                   softcap=0.0):
     dtype = q.dtype.name
-    out, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    out, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, softcap=softcap)
     dout = randn(q.shape, dtype, layout, seed + 7)
     dq, dk, dv = cuflash.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                                  deterministic=deterministic, tile=tile)
+                                  deterministic=deterministic, tile=tile, softcap=softcap)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dq.dtype == q.dtype
-    assert_backward_2x((dq, dk, dv), dout, q, k, v, softmax_scale, causal)
+    assert_backward_2x((dq, dk, dv), dout, q, k, v, softmax_scale, causal, softcap=softcap)
     return dq, dk, dv
 
 
@@ -36,12 +38,12 @@ def test_every_backward_variant(variant, monkeypatch):
         monkeypatch.setattr(schedule, "DKDV_FLUSH_ROWS", 160)
     for seqlens in ((113, 203), (203, 113)):
         check_backward(*qkv(1, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal,
-                       deterministic=variant.deterministic, tile=variant.tile)
+                       deterministic=variant.deterministic, tile=variant.tile, softcap=variant_softcap(variant))
 
 
 @pytest.mark.parametrize("path", FAMILIES)
 @settings(max_examples=80, deadline=None)
-@given(problems(max_seqlen=1500, max_batch=2, max_scores=3e7, deterministic=st.booleans()))
+@given(problems(max_seqlen=1500, max_batch=2, max_scores=3e7, deterministic=st.booleans(), softcap=SOFTCAPS))
 def test_backward_fuzz(path, p):
     # With a handful of rows, both sides of the 2x rule are single random rounding errors
     # (tests/test_reference_backward.py measures the tail); 16 rows make the rule meaningful.
@@ -49,7 +51,8 @@ def test_backward_fuzz(path, p):
     q, k, v = qkv(p["batch"], p["seqlen_q"], p["seqlen_k"], p["nheads"], p["nheads_k"], p["head_dim"],
                   p["dtype"], p["layout"], p["seed"])
     with forward_path(path):
-        check_backward(q, k, v, p["causal"], p["softmax_scale"], p["deterministic"], layout=p["layout"], seed=p["seed"])
+        check_backward(q, k, v, p["causal"], p["softmax_scale"], p["deterministic"], layout=p["layout"], seed=p["seed"],
+                       softcap=p["softcap"])
 
 
 @pytest.mark.parametrize("path", FAMILIES)

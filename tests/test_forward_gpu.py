@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from helpers import FAMILIES, assert_2x, assert_forward_2x, forward_path, poisoned, problems, qkv, randn, torch_qkv
+from helpers import (FAMILIES, SOFTCAPS, assert_2x, assert_forward_2x, forward_path, poisoned, problems, qkv, randn, torch_qkv,
+                     variant_softcap)
 
 cupy = pytest.importorskip("cupy")
 import cuflash  # noqa: E402
@@ -20,12 +21,12 @@ pytestmark = pytest.mark.gpu
 PATHS = FAMILIES + ["3_ctas"]
 
 
-def check_forward(q, k, v, causal, softmax_scale=None, tile=None):
+def check_forward(q, k, v, causal, softmax_scale=None, tile=None, softcap=0.0):
     dtype = q.dtype.name
     out = poisoned(q.shape, dtype)
-    o, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out=out, tile=tile)
+    o, lse = cuflash.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, out=out, tile=tile, softcap=softcap)
     assert o is out and lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == np.float32
-    assert_forward_2x(o, lse, q, k, v, softmax_scale, causal)
+    assert_forward_2x(o, lse, q, k, v, softmax_scale, causal, softcap=softcap)
 
 
 @pytest.mark.parametrize("variant", plan.forward_variants(), ids=repr)
@@ -35,17 +36,18 @@ def test_every_variant(variant, seqlens):
     memories included), at awkward sizes."""
     if plan.is_hopper(variant) and cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU")
-    check_forward(*qkv(2, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal, tile=variant.tile)
+    check_forward(*qkv(2, *seqlens, 4, 2, variant.head_dim, variant.dtype), variant.causal, tile=variant.tile,
+                  softcap=variant_softcap(variant))
 
 
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None)
-@given(problems())
+@given(problems(softcap=SOFTCAPS))
 def test_forward_fuzz(path, p):
     q, k, v = qkv(p["batch"], p["seqlen_q"], p["seqlen_k"], p["nheads"], p["nheads_k"], p["head_dim"],
                   p["dtype"], p["layout"], p["seed"])
     with forward_path(path):
-        check_forward(q, k, v, p["causal"], p["softmax_scale"])
+        check_forward(q, k, v, p["causal"], p["softmax_scale"], softcap=p["softcap"])
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -49,18 +49,19 @@ def test_forward_smem_bytes():
 
 
 def test_forward_variants_cover_the_support_matrix():
-    """2 dtypes x 8 head-dim buckets x causal or not x dropout or not, each with its table tile,
-    and nothing twice."""
+    """2 dtypes x 8 head-dim buckets x causal or not x dropout or not x softcap or not, each with
+    its table tile, and nothing twice."""
     variants = plan.forward_variants()
     assert len(variants) == len(set(variants))
-    assert {(v.dtype, v.head_dim, v.causal, v.dropout) for v in variants} == {
-        (dtype, bucket, causal, dropout) for dtype in ("float16", "bfloat16")
-        for bucket in (32, 64, 96, 128, 160, 192, 224, 256) for causal in (False, True) for dropout in (False, True)}
+    assert {(v.dtype, v.head_dim, v.causal, v.dropout, v.softcap) for v in variants} == {
+        (dtype, bucket, causal, dropout, softcap) for dtype in ("float16", "bfloat16")
+        for bucket in (32, 64, 96, 128, 160, 192, 224, 256) for causal in (False, True) for dropout in (False, True)
+        for softcap in (False, True)}
     def table_tile(v):
         return plan.FWD_DROPOUT_TILES.get(v.head_dim, plan.FWD_TILES[v.head_dim]) if v.dropout else plan.FWD_TILES[v.head_dim]
 
     defaults = {v for v in variants if v.tile == table_tile(v)}
-    assert len(defaults) == 2 * 8 * 2 * 2 == 64
+    assert len(defaults) == 2 * 8 * 2 * 2 * 2 == 128
 
 
 @pytest.mark.parametrize("cc, smem_limit", sorted(plan.SMEM_OPTIN_BY_CC.items()))
