@@ -4,7 +4,7 @@ from .api import (backward, dropout_mask, flash_attn_func, flash_attn_kvpacked_f
 from .compile import cache_dir
 from .plan import BwdTile, FwdTile, HopperBwdTile, HopperFwdTile
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 def cuda_available():
