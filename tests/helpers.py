@@ -16,7 +16,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from cuflash import backward_launch, forward_launch, ops, plan
-from cuflash import compile as compile_, interop
+from cuflash import compile as compile_, interop, reference
 from cuflash.reference import attention_reference, attention_reference_backward, from_float32
 
 try:
@@ -183,6 +183,20 @@ SOFTCAPS = st.sampled_from([0.0, 0.0, 2.0, 30.0])
 def variant_softcap(variant):
     """The softcap a test of every variant passes: 5 where the variant caps, else off."""
     return 5.0 if variant.softcap else 0.0
+
+
+# Softcaps of the reference and model tests (always on): a few round ones and the range between.
+POSITIVE_SOFTCAPS = st.sampled_from([1.0, 5.0, 30.0]) | st.floats(0.25, 50.0)
+
+
+def softcap_dropout(p):
+    """(the references' dropout arguments, the models') for problem p: none when dropout_p = 0,
+    else the mask of (seed, offset = 0) and the (seed, offset) the models draw it from."""
+    if not p["dropout_p"]:
+        return {}, {}
+    mask = reference.dropout_mask(p["seed"], 0, p["batch"], p["nheads"], p["seqlen_q"], p["seqlen_k"], p["dropout_p"])
+    return dict(dropout_p=p["dropout_p"], dropout_mask=mask), dict(dropout_p=p["dropout_p"], seed=p["seed"], offset=0)
+
 
 
 @contextlib.contextmanager
