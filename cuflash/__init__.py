@@ -2,6 +2,7 @@
 from .api import (backward, dropout_mask, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, forward,
                   warmup)
 from .compile import cache_dir
+from .merge import merge_states
 from .plan import BwdTile, FwdTile, HopperBwdTile, HopperFwdTile
 
 __version__ = "0.4.0"
@@ -18,5 +19,5 @@ def cuda_available():
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "forward", "backward",
-           "dropout_mask", "warmup", "cache_dir", "FwdTile", "HopperFwdTile", "BwdTile", "HopperBwdTile", "cuda_available",
+           "dropout_mask", "merge_states", "warmup", "cache_dir", "FwdTile", "HopperFwdTile", "BwdTile", "HopperBwdTile", "cuda_available",
            "__version__"]
