@@ -6,8 +6,9 @@ with a git revision (NVRTC only: no GPU needed) and compares the code sections o
 
 Each variant the dispatcher can pick (plan.forward_variants, plan.backward_variants) is built by
 both revisions' compile layers, for sm_90a (the Hopper kernels) or for each --arch (the portable
-ones); a variant that turns on a switch the revision lacks is skipped. Equal .text sections
-mean equal SASS. Prints one line per differing program and
+ones); a variant that turns on a switch the revision lacks is skipped. The kernels this
+checkout's program launches are compared (a kernel a program no longer builds is not); equal
+.text sections mean equal SASS. Prints one line per differing program and
 "identical: N of M" last; exits 1 if any differs. The revision's cuflash/ and cuda_src/ are
 extracted as bench/ab.py does.
 """
@@ -81,9 +82,10 @@ def main(argv=None):
 
         def compare(job):
             new_program, old_program, arch = job
-            ours = code_sections(compile_.binary(new_program, arch))
-            theirs = code_sections(old.compile.binary(old_program, arch))
-            return job, ours == theirs, sum(map(len, ours.values()))
+            launched = {f".text.{name}" for name in new_program.names}
+            ours = {k: v for k, v in code_sections(compile_.binary(new_program, arch)).items() if k in launched}
+            theirs = {k: v for k, v in code_sections(old.compile.binary(old_program, arch)).items() if k in launched}
+            return job, ours == theirs and len(ours) == len(launched), sum(map(len, ours.values()))
 
         same = 0
         with ThreadPoolExecutor(max(1, args.threads)) as pool:
