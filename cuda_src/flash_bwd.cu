@@ -181,9 +181,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv(const __gr
                                   params.dv_row_stride, params.seqlen_k - n0, params.head_dim);
 }
 
-// Only the deterministic variants (DQ_ATOMIC = 0) launch flash_bwd_dq; the others leave it out of
-// their program, a quarter of its compile time.
-#if !DQ_ATOMIC
 // ---- deterministic dQ: each warp owns 16 query rows, K/V tiles of DQ_BLOCK_N keys stream through
 // a 2-stage ring as in the forward.
 constexpr int kDqBlockN = DQ_BLOCK_N;
@@ -281,4 +278,3 @@ extern "C" __global__ void __launch_bounds__(kDqThreads) flash_bwd_dq(const __gr
     store_tile<kBlockM, kDqThreads>(params.dq + batch * params.dq_batch_stride + head * params.dq_head_stride + m0 * params.dq_row_stride, sQ,
                                     params.dq_row_stride, params.seqlen_q - m0, params.head_dim);
 }
-#endif  // !DQ_ATOMIC

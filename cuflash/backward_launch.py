@@ -118,9 +118,8 @@ def _prepare(variant, device_id):
     if plan.is_hopper(variant):
         smem = {"flash_bwd_dkdv_sm90": plan.backward_smem_bytes(variant.head_dim, variant.tile)}
     else:
-        smem = {"flash_bwd_dkdv": plan.backward_smem_bytes(variant.head_dim, variant.tile)}
-        if variant.deterministic:
-            smem["flash_bwd_dq"] = plan.backward_dq_smem_bytes(variant.head_dim, variant.tile)
+        smem = {"flash_bwd_dkdv": plan.backward_smem_bytes(variant.head_dim, variant.tile),
+                "flash_bwd_dq": plan.backward_dq_smem_bytes(variant.head_dim, variant.tile)}
     limit = smem_limit(device_id)
     for name, size in smem.items():
         if size > limit:

@@ -101,10 +101,9 @@ def forward_program(variant):
 
 @functools.lru_cache(maxsize=None)
 def backward_program(variant):
-    """The Program of a backward variant: the row passes and the dK/dV kernel of its family; the
-    portable family's dQ kernel where deterministic, its dQ conversion pass where not.
-    SMEM_BYTES (and DQ_SMEM_BYTES), the launcher's shared-memory sizes, are static_asserted by the
-    kernels against their layouts."""
+    """The Program of a backward variant: the row passes and the dK/dV kernel of its family, and
+    the deterministic dQ kernel of the portable one. SMEM_BYTES (and DQ_SMEM_BYTES), the
+    launcher's shared-memory sizes, are static_asserted by the kernels against their layouts."""
     tile = variant.tile
     smem = plan.backward_smem_bytes(variant.head_dim, tile)
     if plan.is_hopper(variant):
@@ -112,7 +111,7 @@ def backward_program(variant):
         file = "flash_bwd_sm90_split_d.cu" if tile.block_n == 64 else "flash_bwd_sm90.cu"
         return _program(file, variant, names, ("BwdParams", "TmaMaps"), HOPPER_ARCH, STAGES=tile.stages,
                         DQ_ATOMIC=1, DQ_TILED=1, DKDV_FLUSH=int(variant.flush), SMEM_BYTES=smem)
-    names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_dq" if variant.deterministic else "flash_bwd_convert_dq")
+    names = ("flash_bwd_preprocess", "flash_bwd_dkdv", "flash_bwd_convert_dq", "flash_bwd_dq")
     return _program("flash_bwd.cu", variant, names, ("BwdParams",), DQ_BLOCK_N=tile.dq_block_n, SDP_WM=tile.sdp_wm,
                     KV_WM=tile.kv_wm, DQ_WM=tile.dq_wm, DQ_ATOMIC=int(not variant.deterministic), DQ_TILED=0,
                     DKDV_FLUSH=int(variant.flush), SMEM_BYTES=smem,
