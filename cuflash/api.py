@@ -169,9 +169,9 @@ def warmup(dtypes=plan.DTYPES, head_dims=plan.HEAD_DIM_BUCKETS, causal=(False, T
     """Compile, ahead of the first call, the kernels that calls with these dtypes, head dims and
     causal flags get on `device` (default: the current one): the forwards, and with
     backward=True the backwards (deterministic=False) too; dropout=True adds the dropout
-    variants, softcap=True the softcap ones. NVRTC runs in one thread per CPU core; compiled kernels go to the kernel cache
-    (cuflash.cache_dir()), so later processes load them in milliseconds. Returns the seconds it
-    took."""
+    variants, softcap=True the softcap ones. NVRTC runs in one thread per CPU core; compiled
+    kernels go to the kernel cache (cuflash.cache_dir()), so later processes load them in
+    milliseconds. Returns the seconds it took."""
     device_id = device_.current() if device is None else int(device)
     start = time.perf_counter()
     compile_.check_supported(device_id)

@@ -20,8 +20,8 @@ CONVERT_TILES_PER_BLOCK = 8  # flash_bwd_convert_dq_tiles: dQ tiles (converted o
 
 def launch_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, deterministic, empty, stream, tile=None,
                     dropout_p=0.0, seed=0, offset=0, softcap=0.0):
-    """dQ, dK, dV of attention (with the forward's dropout_p, seed, offset and softcap) on CuPy's current
-    device and on `stream` (a raw CUDA stream).
+    """dQ, dK, dV of attention (with the forward's dropout_p, seed, offset and softcap) on CuPy's
+    current device and on `stream` (a raw CUDA stream).
 
     Arguments are interop.ArrayInfo descriptions of validated, 16-byte aligned, non-empty arrays:
     dout, q, out, dq (batch, seqlen_q, nheads, d); k, v, dk, dv (batch, seqlen_k, nheads_k, d);

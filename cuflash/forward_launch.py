@@ -21,11 +21,8 @@ INT32_MAX = 2**31 - 1
 @dataclass(frozen=True, eq=False)
 class ForwardPlan:
     variant: plan.FwdVariant
-    kernel: object     # the compiled kernel (compile.get_function)
-    smem: int          # dynamic shared memory per block, bytes
-    grid: int
-    threads: int
-    launcher: object   # launch.KernelLaunch with FwdParams (and TmaMaps) filled but for _POINTERS, _RNG and the maps
+    launcher: object   # launch.KernelLaunch (kernel, grid, block, shared memory) with FwdParams (and TmaMaps)
+                       # filled but for _POINTERS, _RNG and the maps
     maps: tuple        # sm_90a: (shape, strides, dtype, box rows) of the tensor maps of q, k, v, o; else ()
     mapped: list       # the pointers whose maps the buffer holds (q, k, v, o), or 0s
 
@@ -77,7 +74,7 @@ def plan_forward(q, k, v, o, softmax_scale, causal, dropout_p, device_id, tile=N
                            "seed_hi": 0, "offset": 0})
     parts = (fwd, bytes(_MAP_BYTES * len(maps))) if maps else (fwd,)
     launcher = KernelLaunch(kernel, grid, variant.tile.threads, smem, *parts)
-    return ForwardPlan(variant, kernel, smem, grid, variant.tile.threads, launcher, maps, [0] * len(maps))
+    return ForwardPlan(variant=variant, launcher=launcher, maps=maps, mapped=[0] * len(maps))
 
 
 def launch_forward(fplan, q, k, v, o, lse, stream, seed=0, offset=0, counter=0):
